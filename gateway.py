@@ -1,0 +1,833 @@
+"""A self-deploying gateway: every function a module in ``modules/`` lists in
+``__all_exposed__`` becomes ``POST /rest/<name>/<var1>``.
+
+Read top to bottom: configuration, errors, discovery, dispatch, HTTP, serving, CLI.
+Nothing here runs at import time, so tests and scripts build apps from any folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+import pkgutil
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NotRequired, Required, TypedDict
+from urllib.parse import unquote
+
+import msgspec
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Keys the security middleware fills in the ASGI scope; the dispatcher only reads them.
+TENANT_KEY = "gateway.tenant"  # the verified tenant id, absent when security is off
+BODY_KEY = "gateway.body"  # the request body, when a middleware already read it
+
+STARTUP_FAILURE = 3  # exit code for "could not start", as uvicorn uses
+
+
+#### Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the CLI and ``create_app`` accept; each field is also ``GATEWAY_<NAME>``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    modules: str = "modules"
+    packages: tuple[str, ...] = ()
+    db: str = "gateway.db"
+    workers: int = 1
+    timeout: float = 30.0
+    max_body: int = 1 << 20
+    concurrency: int = 1024
+    threads: int = 40
+    log_level: str = "info"
+
+
+#### Errors
+
+
+class GatewayError(Exception):
+    """The one error type of the request path: it carries what the client is told."""
+
+    def __init__(self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_body(code: str, message: str) -> bytes:
+    return msgspec.json.encode({"valid": False, "error": {"code": code, "message": message}})
+
+
+#### Discovery
+
+
+class Entry(msgspec.Struct, forbid_unknown_fields=True):
+    """One ``__all_exposed__`` item in its dict form; a plain name becomes ``Entry(name)``."""
+
+    name: str
+    tenants: list[str] | None = None
+    timeout: typing.Annotated[float, msgspec.Meta(gt=0)] | None = None
+    doc: str | None = None
+    inline: bool = False
+    otp: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Exposed:
+    """A function ready to call: everything the hot path needs, computed once per load."""
+
+    name: str
+    func: Callable[..., Any]
+    source: str  # the file or module it came from, for messages
+    is_async: bool
+    inline: bool
+    timeout: float | None
+    tenants: frozenset[str] | None  # None: every tenant
+    doc: str
+    otp: bool
+    params: frozenset[str]
+    first: str | None  # the parameter the URL's <var1> binds
+    first_type: Any
+    args_type: Any  # a TypedDict msgspec converts the arguments into
+    returns: Any
+
+    def allows(self, tenant: str | None) -> bool:
+        # A restricted function is never callable anonymously: with security off it is hidden.
+        return self.tenants is None or (tenant is not None and tenant in self.tenants)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    source: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", " ".join(self.reason.split()))  # one line, always
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Catalog:
+    """The result of one load: the dispatch dict and the modules that were refused."""
+
+    functions: dict[str, Exposed]
+    refused: tuple[Refusal, ...]
+
+
+class Refused(Exception):
+    """A module cannot be served; the message is the reason shown to the operator."""
+
+
+_generation = 0
+
+
+def load_modules(path: str | os.PathLike[str] | None = "modules", packages: tuple[str, ...] = ()) -> Catalog:
+    """Import every module of the folder (and of the named installed packages) afresh.
+
+    Each load imports the folder as a new package (``_gw<N>``), so a reload never sees the
+    modules of the previous one and modules can import their siblings with ``from . import x``.
+    A bad module is refused with its reason; the others still load.
+    """
+    global _generation
+    _generation += 1
+    functions: dict[str, Exposed] = {}
+    refused: list[Refusal] = []
+    for source, import_module in _module_sources(path, packages, f"_gw{_generation}"):
+        try:
+            module = import_module()
+            exposed = _exposed_of(module, source)
+            for item in exposed:
+                if item.name in functions:
+                    raise Refused(f"`{item.name}` is already exposed by {functions[item.name].source}")
+        except Refused as exc:
+            refused.append(Refusal(source, str(exc)))
+        except SyntaxError as exc:
+            refused.append(Refusal(source, f"SyntaxError: {exc.msg} (line {exc.lineno})"))
+        except (Exception, SystemExit) as exc:
+            refused.append(Refusal(source, f"{type(exc).__name__}: {exc}"))
+        else:
+            functions.update((item.name, item) for item in exposed)
+    for refusal in refused:
+        log.error("refused %s", refusal)
+    return Catalog(functions, tuple(refused))
+
+
+def _module_sources(
+    path: str | os.PathLike[str] | None, packages: tuple[str, ...], package_name: str
+) -> Iterator[tuple[str, Callable[[], types.ModuleType]]]:
+    """Yield (display name, importer) for each module to consider, in a stable order."""
+    if path is not None:
+        root = Path(path)
+        package = types.ModuleType(package_name)
+        package.__path__ = [str(root)]
+        package.__package__ = package_name
+        sys.modules[package_name] = package
+        for file in _walk(root):
+            dotted = ".".join(file.relative_to(root).with_suffix("").parts)
+            yield str(file), functools.partial(importlib.import_module, f"{package_name}.{dotted}")
+    for name in packages:
+        yield name, functools.partial(importlib.import_module, name)
+        top = sys.modules.get(name)  # absent when the import just failed (and was refused)
+        for info in pkgutil.walk_packages(getattr(top, "__path__", []), prefix=f"{name}."):
+            if not any(part.startswith("_") for part in info.name.split(".")):
+                yield info.name, functools.partial(importlib.import_module, info.name)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(("_", ".")):
+            continue
+        if child.is_dir():
+            yield from _walk(child)
+        elif child.suffix == ".py":
+            yield child
+
+
+def _exposed_of(module: types.ModuleType, source: str) -> list[Exposed]:
+    listing = getattr(module, "__all_exposed__", None)
+    if listing is None:
+        return []
+    if listing == "*":
+        entries = [
+            Entry(name)
+            for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
+        ]
+    elif isinstance(listing, (list, tuple)):
+        entries = [_entry(item) for item in listing]
+    else:
+        raise Refused('__all_exposed__ must be a list or "*"')
+    names = [entry.name for entry in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise Refused(f"`{name}` is listed twice")
+    return [_exposed(module, entry, source) for entry in entries]
+
+
+def _entry(item: object) -> Entry:
+    if isinstance(item, str):
+        return Entry(item)
+    if not isinstance(item, dict):
+        raise Refused(f"an entry must be a name or a dict, not {type(item).__name__}: {item!r}")
+    try:
+        return msgspec.convert(item, Entry)
+    except msgspec.ValidationError as exc:
+        raise Refused(f"bad entry {item!r}: {exc}") from None
+
+
+def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
+    name = entry.name
+    if not name.isidentifier() or name.startswith("_"):
+        raise Refused(f"`{name}` is not a public function name")
+    func = getattr(module, name, None)
+    if func is None:
+        raise Refused(f"`{name}` is listed but not defined")
+    if not callable(func) or inspect.isclass(func):
+        raise Refused(f"`{name}` is not a function")
+    try:
+        signature = inspect.signature(func)
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception as exc:
+        raise Refused(f"`{name}`: cannot read its signature: {exc}") from None
+    fields: dict[str, Any] = {}
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise Refused(f"`{name}`: parameter `{param.name}` cannot be bound from a JSON object")
+        hint = hints.get(param.name, Any)
+        try:
+            msgspec.json.schema(hint, schema_hook=_schema_hook)  # proves msgspec can convert into it
+        except Exception:
+            raise Refused(
+                f"`{name}`: parameter `{param.name}` has a type msgspec cannot convert: "
+                f"{inspect.formatannotation(hint, module.__name__)}"
+            ) from None
+        fields[param.name] = Required[hint] if param.default is param.empty else NotRequired[hint]
+    args_type = TypedDict(f"{name}_args", fields, total=False)  # type: ignore[misc]
+    returns = hints.get("return", Any)
+    try:
+        msgspec.json.schema(returns, schema_hook=_schema_hook)
+    except Exception:
+        returns = Any  # only documentation suffers: the result is checked when it is encoded
+    is_async = inspect.iscoroutinefunction(func)
+    if entry.inline and is_async:
+        raise Refused(f"`{name}`: `inline` is for sync functions; this one is async")
+    first = next(iter(fields), None)
+    return Exposed(
+        name=name,
+        func=func,
+        source=source,
+        is_async=is_async,
+        inline=entry.inline,
+        timeout=entry.timeout,
+        tenants=None if entry.tenants is None else frozenset(entry.tenants),
+        doc=entry.doc if entry.doc is not None else inspect.cleandoc(func.__doc__ or ""),
+        otp=entry.otp,
+        params=frozenset(fields),
+        first=first,
+        first_type=hints.get(first, Any) if first else None,
+        args_type=args_type,
+        returns=returns,
+    )
+
+
+def _schema_hook(cls: type) -> dict[str, Any]:
+    if cls is object:  # msgspec passes `object` values through untouched
+        return {"description": "any JSON value"}
+    raise NotImplementedError
+
+
+#### Dispatch
+
+
+def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> dict[str, Any]:
+    """Turn the body (and the URL's var1) into keyword arguments, or raise a 400/422.
+
+    Body values are converted strictly, as JSON typed them; only the URL's var1, always a
+    string, is converted laxly ("42" becomes 42 where the hint says int).
+    """
+    args = decode_object(body)
+    named = args.pop("funcName", url_func)
+    if url_func is not None and named != url_func:
+        raise GatewayError(400, "bad_json", f"funcName `{named}` conflicts with the URL's `{url_func}`")
+    if var1 is not None:
+        if fn.first is None:
+            raise GatewayError(422, "invalid_arguments", f"`{fn.name}` takes no arguments, so the URL cannot carry one")
+        if fn.first in args:
+            raise GatewayError(422, "invalid_arguments", f"`{fn.first}` is given both in the URL and in the body")
+        try:
+            args[fn.first] = msgspec.convert(var1, fn.first_type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise GatewayError(422, "invalid_arguments", f"{exc} - at `$.{fn.first}` (from the URL)") from None
+    for key in args:
+        if key not in fn.params:
+            raise GatewayError(422, "invalid_arguments", f"Object contains unknown field `{key}`")
+    try:
+        return msgspec.convert(args, fn.args_type)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise GatewayError(422, "invalid_arguments", str(exc)) from None
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        return {}
+    try:
+        args = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise GatewayError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise GatewayError(400, "bad_json", "body must be a JSON object")
+    return args
+
+
+class Dispatcher:
+    """Runs one exposed function under the gateway's timeout and concurrency limits."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.inflight = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="gateway-call")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _release(self, _: object = None) -> None:
+        self.inflight -= 1
+
+    async def call(self, fn: Exposed, kwargs: dict[str, Any]) -> Any:
+        if self.inflight >= self.settings.concurrency:
+            raise GatewayError(503, "overloaded", "too many calls in progress; retry later")
+        timeout = fn.timeout or self.settings.timeout
+        self.inflight += 1
+        if fn.inline:
+            try:
+                return fn.func(**kwargs)
+            finally:
+                self.inflight -= 1
+        if fn.is_async:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await fn.func(**kwargs)
+            except TimeoutError:
+                raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
+            finally:
+                self.inflight -= 1
+        # A thread cannot be cancelled: the slot stays taken until the function really
+        # returns, so hung functions end in 503s instead of an unbounded pile of threads.
+        future = asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn.func(**kwargs))
+        future.add_done_callback(self._release)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
+
+
+#### HTTP
+
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+_JSON = b"application/json"
+
+
+class Gateway:
+    """The ASGI app: ``/rest`` goes straight to the dispatcher (the hot path, pure ASGI);
+    everything else (health, OpenAPI) is a small Starlette app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        security: Callable[[ASGIApp], ASGIApp] | None = None,
+    ):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        self.settings = settings
+        self.catalog = catalog
+        self.dispatcher = Dispatcher(settings)
+        self.rest: ASGIApp = security(self._rest) if security else self._rest
+        self.site = Starlette(
+            routes=[Route("/healthz", self._healthz), Route("/openapi.json", self._openapi)],
+            exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+            lifespan=self._lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/rest" or path.startswith("/rest/")):
+            await self.rest(scope, receive, send)
+        else:
+            await self.site(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: object) -> typing.AsyncIterator[None]:
+        yield
+        self.dispatcher.close()
+
+    async def _rest(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = None
+        content_type = b""
+        content_length = None
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                content_length = value
+            elif key == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
+                request_id = value
+        request_id = request_id or secrets.token_hex(8).encode()
+        func_name = None
+        try:
+            func_name, var1 = _split_rest_path(scope)
+            result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
+            status, body = 200, msgspec.json.encode({"results": result, "valid": True})
+            extra: tuple[tuple[bytes, bytes], ...] = ()
+        except GatewayError as exc:
+            status, body, extra = exc.status, error_body(exc.code, exc.message), exc.headers
+            if status >= 500:
+                log.error("request %s: %s %s", request_id.decode(), exc.code, exc.message)
+        except Exception:
+            log.exception("request %s: `%s` raised", request_id.decode(), func_name)
+            status, body, extra = 500, error_body("internal_error", "the function failed; see the server log"), ()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", _JSON),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s tenant=%s func=%s status=%d %.2fms",
+                request_id.decode(),
+                scope.get(TENANT_KEY, "-"),
+                scope.get("gateway.function", func_name or "-"),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        func_name: str | None,
+        var1: str | None,
+        content_type: bytes,
+        content_length: bytes | None,
+    ) -> Any:
+        method = scope["method"]
+        tenant = scope.get(TENANT_KEY)
+        if func_name is None and method == "GET":
+            return self.describe(tenant)
+        if method != "POST":
+            allow = b"GET, POST" if func_name is None else b"POST"
+            raise GatewayError(405, "method_not_allowed", f"use {allow.decode()}", ((b"allow", allow),))
+        body = (
+            scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, self.settings.max_body)
+        )
+        if body and content_type.split(b";", 1)[0].strip().lower() != _JSON:
+            raise GatewayError(415, "unsupported_media_type", "send the arguments as application/json")
+        if func_name is None:
+            named = decode_object(body).get("funcName")
+            if not isinstance(named, str):
+                raise GatewayError(400, "bad_json", "POST /rest/ needs the function's name in `funcName`")
+            func_name = scope["gateway.function"] = named
+        fn = self.catalog.functions.get(func_name)
+        if fn is None or not fn.allows(tenant):
+            raise GatewayError(404, "not_found", "no such function")
+        kwargs = bind(fn, body, var1, func_name)
+        return await self.dispatcher.call(fn, kwargs)
+
+    def describe(self, tenant: str | None) -> dict[str, Any]:
+        """The catalog a tenant sees: only what it may call."""
+        return {
+            fn.name: {
+                "doc": fn.doc,
+                "var1": fn.first,
+                "arguments": msgspec.json.schema(fn.args_type, schema_hook=_schema_hook),
+            }
+            for fn in self.catalog.functions.values()
+            if fn.allows(tenant)
+        }
+
+    async def _healthz(self, request: Any) -> Any:
+        return _json_response(
+            {
+                "status": "ok",
+                "functions": len(self.catalog.functions),
+                "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
+            }
+        )
+
+    async def _openapi(self, request: Any) -> Any:
+        return _json_response(openapi(self.catalog))
+
+    async def _http_error(self, request: Any, exc: Any) -> Any:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
+        return _json_response(
+            msgspec.json.decode(error_body(code, str(exc.detail))), exc.status_code, dict(exc.headers or {})
+        )
+
+
+def _json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    headers = {"x-request-id": secrets.token_hex(8), **(headers or {})}
+    return Response(msgspec.json.encode(content), status, headers, media_type="application/json")
+
+
+def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
+    """``/rest[/<func>[/<var1>]][/]`` from the raw path, so an encoded ``/`` stays in var1."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    parts = raw[len(b"/rest/") :].split(b"/") if len(raw) > 5 else []
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) > 2 or b"" in parts:
+        raise GatewayError(404, "not_found", "no such function")
+    decoded = [unquote(part.decode("latin-1")) for part in parts] + [None, None]
+    return decoded[0], decoded[1]
+
+
+async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+    """Read the request body, refusing with 413 before reading past ``limit``."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise GatewayError(400, "bad_json", "Content-Length is not a number") from None
+        if declared > limit:
+            raise GatewayError(413, "too_large", f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError(400, "bad_json", "the client went away before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, "too_large", f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def openapi(catalog: Catalog) -> dict[str, Any]:
+    """OpenAPI 3.1, one operation per function, schemas from the type hints via msgspec."""
+    functions = sorted(catalog.functions.values(), key=lambda fn: fn.name)
+    returns = [Result[fn.returns] for fn in functions]  # type: ignore[name-defined]
+    schemas, components = msgspec.json.schema_components(
+        [fn.args_type for fn in functions] + returns + [Error],
+        ref_template="#/components/schemas/{name}",
+        schema_hook=_schema_hook,
+    )
+    for schema in schemas[: len(functions)]:
+        components[schema["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
+    error = {"application/json": {"schema": schemas[-1]}}
+    paths = {
+        f"/rest/{fn.name}/": {
+            "post": {
+                "operationId": fn.name,
+                "summary": fn.doc.split("\n", 1)[0] if fn.doc else fn.name,
+                "description": fn.doc
+                + (f"\n\n`POST /rest/{fn.name}/{{{fn.first}}}` binds `{fn.first}` from the URL." if fn.first else ""),
+                "requestBody": {"required": False, "content": {"application/json": {"schema": args}}},
+                "responses": {
+                    "200": {"description": "the function's result", "content": {"application/json": {"schema": ret}}},
+                    "default": {"description": "an error", "content": error},
+                },
+            }
+        }
+        for fn, args, ret in zip(functions, schemas[: len(functions)], schemas[len(functions) : -1], strict=True)
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "gateway", "version": "1"},
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+T = typing.TypeVar("T")
+
+
+class Result(msgspec.Struct, typing.Generic[T]):
+    results: T
+    valid: bool = True
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+
+
+class Error(msgspec.Struct):
+    valid: bool
+    error: ErrorDetail
+
+
+def create_app(
+    modules: str | os.PathLike[str] | None = "modules",
+    *,
+    settings: Settings | None = None,
+    security: Callable[[ASGIApp], ASGIApp] | None = None,
+    **overrides: Any,
+) -> Gateway:
+    """Build the ASGI app for a folder of modules; for scripts and tests that embed the gateway."""
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    packages = settings.packages
+    return Gateway(settings, load_modules(modules, packages), security)
+
+
+#### Serving
+
+
+def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
+    """Serve an app in this process until interrupted; exits with STARTUP_FAILURE if it cannot listen."""
+    import uvicorn
+
+    settings = app.settings
+    sock = _listen(host or settings.host, settings.port if port is None else port)
+    config = _uvicorn_config(app, settings)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains, then re-raises the signal it caught: make SIGTERM end as cleanly as Ctrl+C.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+
+
+def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        **extra,
+    )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(_fail(f"cannot listen on {host}:{port}: {exc.strerror}")) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _fail(message: str) -> int:
+    print(f"gateway: {message}", file=sys.stderr)
+    return STARTUP_FAILURE
+
+
+def app_from_env() -> Gateway:
+    """The factory each worker process calls (``--workers N``): settings come from GATEWAY_*."""
+    settings = _settings(_parser().parse_args([]))
+    _configure_logging(settings.log_level)
+    return create_app(settings.modules, settings=settings)
+
+
+#### CLI
+
+
+def _env_name(field: str) -> str:
+    return "GATEWAY_PACKAGE" if field == "packages" else f"GATEWAY_{field.upper()}"
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(_env_name(name), default)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway.py",
+        description="Serve every function listed in modules/*.py __all_exposed__ as POST /rest/<name>/.",
+        epilog="Every option can also be set as an environment variable GATEWAY_<OPTION>, e.g. GATEWAY_PORT=9000.",
+    )
+    defaults = Settings()
+    parser.add_argument("--host", default=_env("host", defaults.host), help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=_env("port", defaults.port), help="port (%(default)s)")
+    parser.add_argument("--modules", default=_env("modules", defaults.modules), help="modules folder (%(default)s)")
+    parser.add_argument(
+        "--package",
+        action="append",
+        default=[p for p in _env("package", "").split(",") if p],
+        help="also expose the modules of this installed package (repeatable; env: comma-separated)",
+    )
+    parser.add_argument("--db", default=_env("db", defaults.db), help="keystore file (%(default)s)")
+    parser.add_argument(
+        "--workers", type=int, default=_env("workers", defaults.workers), help="processes (%(default)s)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=_env("timeout", defaults.timeout),
+        help="seconds a call may take, unless its entry sets one (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-body",
+        type=int,
+        default=_env("max_body", defaults.max_body),
+        help="largest request body in bytes (%(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=_env("concurrency", defaults.concurrency),
+        help="calls in progress before 503 (%(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=_env("log_level", defaults.log_level),
+        choices=["debug", "info", "warning", "error"],
+        help="(%(default)s)",
+    )
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        host=args.host,
+        port=args.port,
+        modules=args.modules,
+        packages=tuple(args.package),
+        db=args.db,
+        workers=args.workers,
+        timeout=args.timeout,
+        max_body=args.max_body,
+        concurrency=args.concurrency,
+        log_level=args.log_level,
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = _settings(_parser().parse_args(argv))
+    _configure_logging(settings.log_level)
+    if not Path(settings.modules).is_dir():
+        return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
+    for name in ("workers", "timeout", "max_body", "concurrency"):
+        if getattr(settings, name) <= 0:
+            return _fail(f"--{name.replace('_', '-')} must be positive")
+    origin = f"http://{settings.host}:{settings.port}"
+    if settings.workers == 1:
+        app = create_app(settings.modules, settings=settings)
+        log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
+        if "add" in app.catalog.functions:
+            log.info(
+                "try: curl -X POST %s/rest/add -H 'content-type: application/json' -d '{\"a\": 1, \"b\": 2}'", origin
+            )
+        serve(app)
+        return 0
+    import uvicorn.supervisors
+
+    # Each worker builds its own app in a fresh process from GATEWAY_*: pass the settings on there.
+    for field in dataclasses.fields(Settings):
+        value = getattr(settings, field.name)
+        os.environ[_env_name(field.name)] = ",".join(value) if field.name == "packages" else str(value)
+    sock = _listen(settings.host, settings.port)
+    config = _uvicorn_config("gateway:app_from_env", settings, factory=True, workers=settings.workers)
+    log.info("serving %s on %s with %d workers", settings.modules, origin, settings.workers)
+    uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

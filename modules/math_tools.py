@@ -1,0 +1,45 @@
+"""Arithmetic and descriptive statistics: typed arguments, validated by the gateway."""
+
+import math
+import statistics
+from typing import Annotated
+
+from msgspec import Meta
+
+__all_exposed__ = [
+    {"name": "add", "inline": True},  # tiny and pure: runs on the event loop, no thread hop
+    "power",
+    "describe",
+    {"name": "is_prime", "timeout": 2.0},  # its own deadline instead of the global 30 s
+]
+
+
+def add(a: float, b: float) -> float:
+    """Add two numbers."""
+    return a + b
+
+
+def power(base: float, exponent: int = 2) -> float:
+    """Raise `base` to `exponent`; `POST /rest/power/3` squares 3."""
+    return base**exponent
+
+
+def describe(values: list[float]) -> dict[str, float]:
+    """Mean, median, standard deviation, minimum and maximum of a list of numbers."""
+    if not values:
+        raise ValueError("describe needs at least one value")
+    return {
+        "count": len(values),
+        "mean": statistics.fmean(values),
+        "median": statistics.median(values),
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def is_prime(n: Annotated[int, Meta(ge=0, le=10**12)]) -> bool:
+    """Trial division; the type hint's bounds keep `n` small enough to answer quickly."""
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, math.isqrt(n) + 1))

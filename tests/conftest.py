@@ -1,0 +1,66 @@
+"""Shared fixtures: a real uvicorn server on a free loopback port, in a thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+import gateway
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+
+
+class Running:
+    """A gateway app served by uvicorn on 127.0.0.1:<free port> until the test ends."""
+
+    def __init__(self, app: gateway.Gateway):
+        self.app = app
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(gateway._uvicorn_config(app, app.settings))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def post(self, path: str, json: object = None, **kwargs: object) -> httpx.Response:
+        return self.client.post(path, json=json, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def serve() -> Iterator[object]:
+    """Call ``serve(app)`` to run an app for this test; every server is stopped afterwards."""
+    running: list[Running] = []
+
+    def start(app: gateway.Gateway) -> Running:
+        running.append(Running(app))
+        return running[-1]
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,134 @@
+"""The command line, as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import FIXTURES, ROOT, free_port
+
+
+def start(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "gateway.py"), *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # so a failed test can kill the workers too
+    )
+
+
+def wait_healthy(url: str, process: subprocess.Popen[str], seconds: float = 20) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"gateway exited {process.returncode}: {process.stdout.read()}")  # type: ignore[union-attr]
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).json()  # type: ignore[no-any-return]
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise AssertionError("gateway did not become healthy")
+
+
+def stop(process: subprocess.Popen[str]) -> str:
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=20)
+    assert process.returncode == 0, output
+    return output
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    running: list[subprocess.Popen[str]] = []
+    yield running
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def test_serves_the_folder_and_logs_one_access_line_per_request(processes) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    processes.append(process := start("--port", str(port), "--modules", str(FIXTURES / "e2e")))
+    assert wait_healthy(f"http://127.0.0.1:{port}", process)["functions"] == 12
+    response = httpx.post(f"http://127.0.0.1:{port}/rest/add/2", json={"b": 3})
+    assert response.json() == {"results": 5, "valid": True}
+    output = stop(process)
+    [line] = [line for line in output.splitlines() if "gateway.access" in line]
+    assert f"{response.headers['x-request-id']} tenant=- func=add status=200 " in line
+    assert line.endswith("ms")
+
+
+def test_settings_come_from_the_environment_too(processes) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = {"GATEWAY_PORT": str(port), "GATEWAY_MODULES": str(FIXTURES / "e2e"), "GATEWAY_MAX_BODY": "10"}
+    processes.append(process := start(env=env))
+    wait_healthy(f"http://127.0.0.1:{port}", process)
+    assert httpx.post(f"http://127.0.0.1:{port}/rest/add", json={"a": 1, "b": 2}).status_code == 413
+    stop(process)
+
+
+def test_a_port_in_use_is_a_clear_startup_failure(processes) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    processes.append(first := start("--port", str(port), "--modules", str(FIXTURES / "e2e")))
+    wait_healthy(f"http://127.0.0.1:{port}", first)
+    second = start("--port", str(port), "--modules", str(FIXTURES / "e2e"))
+    output, _ = second.communicate(timeout=20)
+    assert second.returncode == 3
+    assert f"gateway: cannot listen on 127.0.0.1:{port}: Address already in use" in output
+
+
+def test_a_missing_modules_folder_is_a_clear_startup_failure(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "gateway.py"), "--modules", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 3
+    assert f"gateway: modules folder '{tmp_path / 'nope'}' does not exist (set --modules)" in result.stderr
+
+
+def test_a_bad_setting_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "gateway.py"), "--timeout", "0"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+    )
+    assert (result.returncode, result.stderr.strip()) == (3, "gateway: --timeout must be positive")
+
+
+def test_package_plugins_are_served(processes) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = {"PYTHONPATH": str(FIXTURES / "pkgs")}
+    processes.append(
+        process := start("--port", str(port), "--modules", str(FIXTURES / "e2e"), "--package", "gwplugin", env=env)
+    )
+    wait_healthy(f"http://127.0.0.1:{port}", process)
+    response = httpx.post(f"http://127.0.0.1:{port}/rest/plugin_echo/hi")
+    assert response.json() == {"results": "hi", "valid": True}
+    stop(process)
+
+
+def test_several_workers_serve_the_same_port(processes) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    processes.append(process := start("--port", str(port), "--modules", str(FIXTURES / "e2e"), "--workers", "2"))
+    wait_healthy(f"http://127.0.0.1:{port}", process, seconds=40)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+    assert sum(b"spawn_main" in command for command in commands) == 2, commands
+    for _ in range(10):
+        assert httpx.post(f"http://127.0.0.1:{port}/rest/add", json={"a": 1, "b": 2}).json()["results"] == 3
+    stop(process)

@@ -1,0 +1,307 @@
+"""End to end against a real uvicorn server: every row of DESIGN.md's error table and more."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import FIXTURES, ROOT
+from openapi_spec_validator import validate
+
+import gateway
+
+
+def tenant_from_header(app: gateway.ASGIApp) -> gateway.ASGIApp:
+    """Stands in for the security middleware: it only fills the tenant seam in the scope."""
+
+    async def middleware(scope, receive, send):  # type: ignore[no-untyped-def]
+        for key, value in scope["headers"]:
+            if key == b"x-test-tenant":
+                scope[gateway.TENANT_KEY] = value.decode()
+        await app(scope, receive, send)
+
+    return middleware
+
+
+@pytest.fixture
+def gw(serve):  # type: ignore[no-untyped-def]
+    return serve(gateway.create_app(FIXTURES / "e2e", security=tenant_from_header, max_body=1000))
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    body = response.json()
+    assert body["valid"] is False and set(body) == {"valid", "error"}
+    assert response.headers["content-type"] == "application/json"
+    assert len(response.headers["x-request-id"]) >= 8
+    return response.status_code, body["error"]["code"]
+
+
+# 200s: each URL form, each kind of function
+
+
+@pytest.mark.parametrize("path", ["/rest/add", "/rest/add/"])
+def test_call_by_url(gw, path: str) -> None:  # type: ignore[no-untyped-def]
+    response = gw.post(path, {"a": 1, "b": 2})
+    assert (response.status_code, response.json()) == (200, {"results": 3, "valid": True})
+
+
+@pytest.mark.parametrize("path", ["/rest/add/40", "/rest/add/40/"])
+def test_call_with_var1(gw, path: str) -> None:  # type: ignore[no-untyped-def]
+    assert gw.post(path, {"b": 2}).json() == {"results": 42, "valid": True}
+
+
+@pytest.mark.parametrize("path", ["/rest", "/rest/"])
+def test_call_by_funcname(gw, path: str) -> None:  # type: ignore[no-untyped-def]
+    assert gw.post(path, {"funcName": "add", "a": 1, "b": 2}).json()["results"] == 3
+
+
+def test_var1_keeps_an_encoded_slash(gw) -> None:  # type: ignore[no-untyped-def]
+    assert gw.post("/rest/echo/a%2Fb").json()["results"] == "a/b"
+
+
+def test_async_function_is_awaited(gw) -> None:  # type: ignore[no-untyped-def]
+    assert gw.post("/rest/scale/2", {"values": [1, 2], "offset": 1}).json()["results"] == [3.0, 5.0]
+
+
+def test_sync_function_runs_in_the_thread_pool_and_inline_on_the_loop(gw) -> None:  # type: ignore[no-untyped-def]
+    assert gw.post("/rest/thread_name").json()["results"].startswith("gateway-call")
+
+
+def test_none_result_and_empty_body(gw) -> None:  # type: ignore[no-untyped-def]
+    response = gw.client.post("/rest/nothing")
+    assert response.json() == {"results": None, "valid": True}
+
+
+def test_every_response_has_a_request_id_and_a_given_safe_one_is_kept(gw) -> None:  # type: ignore[no-untyped-def]
+    assert gw.post("/rest/add", {"a": 1, "b": 2}, headers={"x-request-id": "lb-42.abc"}).headers["x-request-id"] == (
+        "lb-42.abc"
+    )
+    unsafe = gw.post("/rest/add", {"a": 1, "b": 2}, headers={"x-request-id": "bad id\twith spaces"})
+    assert unsafe.headers["x-request-id"] != "bad id\twith spaces"
+
+
+# The error table, row by row
+
+
+@pytest.mark.parametrize(
+    ("content", "path"),
+    [
+        (b"{not json", "/rest/add"),
+        (b"[1, 2]", "/rest/add"),
+        (b'{"funcName": "echo"}', "/rest/add"),
+        (b'{"a": 1}', "/rest/"),
+        (b'{"funcName": 3}', "/rest/"),
+    ],
+)
+def test_400_bad_json(gw, content: bytes, path: str) -> None:  # type: ignore[no-untyped-def]
+    response = gw.client.post(path, content=content, headers={"content-type": "application/json"})
+    assert error_of(response) == (400, "bad_json")
+
+
+@pytest.mark.parametrize("path", ["/rest/missing", "/rest/add/1/2", "/rest//add", "/rest/acme_only"])
+def test_404_not_found(gw, path: str) -> None:  # type: ignore[no-untyped-def]
+    response = gw.post(path, {})
+    assert error_of(response) == (404, "not_found")
+    assert response.json()["error"]["message"] == "no such function"
+
+
+def test_a_function_of_another_tenant_looks_exactly_like_a_missing_one(gw) -> None:  # type: ignore[no-untyped-def]
+    other = gw.post("/rest/acme_only", {}, headers={"x-test-tenant": "globex"})
+    missing = gw.post("/rest/no_such_function", {}, headers={"x-test-tenant": "globex"})
+    assert (other.status_code, other.content) == (missing.status_code, missing.content)
+    allowed = gw.post("/rest/acme_only", {}, headers={"x-test-tenant": "acme"})
+    assert allowed.json() == {"results": "for acme", "valid": True}
+
+
+def test_404_outside_rest_is_json_too(gw) -> None:  # type: ignore[no-untyped-def]
+    assert error_of(gw.client.get("/nowhere")) == (404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("GET", "/rest/add", "POST"), ("PUT", "/rest/", "GET, POST"), ("DELETE", "/rest/add/1", "POST")],
+)
+def test_405_method_not_allowed(gw, method: str, path: str, allow: str) -> None:  # type: ignore[no-untyped-def]
+    response = gw.client.request(method, path)
+    assert error_of(response) == (405, "method_not_allowed")
+    assert response.headers["allow"] == allow
+
+
+def test_405_outside_rest_is_json_too(gw) -> None:  # type: ignore[no-untyped-def]
+    assert error_of(gw.client.post("/healthz")) == (405, "method_not_allowed")
+
+
+def test_413_by_content_length_before_reading(gw) -> None:  # type: ignore[no-untyped-def]
+    response = gw.client.post(
+        "/rest/echo", content=b'{"text": "' + b"x" * 2000 + b'"}', headers={"content-type": "application/json"}
+    )
+    assert error_of(response) == (413, "too_large")
+
+
+def test_413_for_a_chunked_body_without_length(gw) -> None:  # type: ignore[no-untyped-def]
+    def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"text": "'
+        for _ in range(20):
+            yield b"x" * 100
+        yield b'"}'
+
+    response = gw.client.post("/rest/echo", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert error_of(response) == (413, "too_large")
+
+
+def test_a_body_at_the_limit_is_accepted(gw) -> None:  # type: ignore[no-untyped-def]
+    body = b'{"text": "' + b"x" * (1000 - 12) + b'"}'
+    assert len(body) == 1000
+    response = gw.client.post("/rest/echo", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_415_unsupported_media_type(gw, content_type: str) -> None:  # type: ignore[no-untyped-def]
+    response = gw.client.post("/rest/add", content=b'{"a": 1, "b": 2}', headers={"content-type": content_type})
+    assert error_of(response) == (415, "unsupported_media_type")
+
+
+def test_json_with_a_charset_is_fine(gw) -> None:  # type: ignore[no-untyped-def]
+    response = gw.client.post(
+        "/rest/add", content=b'{"a": 1, "b": 2}', headers={"content-type": "Application/JSON; charset=utf-8"}
+    )
+    assert response.json()["results"] == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/rest/add", {"a": 1}, "Object missing required field `b`"),
+        ("/rest/add", {"a": 1, "b": 2, "c": 3}, "Object contains unknown field `c`"),
+        ("/rest/add", {"a": 1, "b": "2"}, "Expected `int`, got `str` - at `$.b`"),
+        ("/rest/add/1", {"a": 1, "b": 2}, "`a` is given both in the URL and in the body"),
+        ("/rest/add/one", {"b": 2}, "Expected `int`, got `str` - at `$.a` (from the URL)"),
+    ],
+)
+def test_422_invalid_arguments_names_the_field(gw, path: str, body: dict, message: str) -> None:  # type: ignore[no-untyped-def]
+    response = gw.post(path, body)
+    assert error_of(response) == (422, "invalid_arguments")
+    assert response.json()["error"]["message"] == message
+
+
+def test_500_hides_the_traceback_and_logs_it_with_the_request_id(gw, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        response = gw.post("/rest/boom", {"secret_hint": "s3cr3t"})
+    assert error_of(response) == (500, "internal_error")
+    assert "s3cr3t" not in response.text and "Traceback" not in response.text and "RuntimeError" not in response.text
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert response.headers["x-request-id"] in record.getMessage()
+    assert "internal detail s3cr3t" in caplog.text and "Traceback" in caplog.text
+
+
+def test_500_for_a_result_msgspec_cannot_encode(gw) -> None:  # type: ignore[no-untyped-def]
+    assert error_of(gw.post("/rest/unencodable")) == (500, "internal_error")
+
+
+@pytest.mark.parametrize("name", ["nap", "sync_nap"])
+def test_504_timeout_and_the_server_stays_responsive(gw, name: str) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    response = gw.post(f"/rest/{name}", {"seconds": 2})
+    assert error_of(response) == (504, "timeout")
+    assert time.monotonic() - started < 1.5
+    assert gw.post("/rest/add", {"a": 1, "b": 2}).json()["results"] == 3
+
+
+def test_global_timeout_applies_when_the_entry_sets_none(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "e2e", timeout=0.2))
+    fn = gw.app.catalog.functions["wait_for_gate"]
+    assert fn.timeout is None
+    assert error_of(gw.post("/rest/wait_for_gate")) == (504, "timeout")
+
+
+def test_503_when_the_concurrency_limit_is_reached(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1))
+    gate = gw.app.catalog.functions["wait_for_gate"].func.__globals__["GATE"]
+    gate.clear()
+    first: list[httpx.Response] = []
+    worker = threading.Thread(target=lambda: first.append(httpx.post(f"{gw.url}/rest/wait_for_gate", timeout=10)))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while gw.app.dispatcher.inflight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert error_of(gw.post("/rest/add", {"a": 1, "b": 2})) == (503, "overloaded")
+    finally:
+        gate.set()
+        worker.join(10)
+    assert first[0].json() == {"results": "opened", "valid": True}
+    assert gw.post("/rest/add", {"a": 1, "b": 2}).status_code == 200
+
+
+def test_a_hung_thread_keeps_its_slot_until_it_returns(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1))
+    assert error_of(gw.post("/rest/sync_nap", {"seconds": 0.6})) == (504, "timeout")
+    assert error_of(gw.post("/rest/add", {"a": 1, "b": 2})) == (503, "overloaded")
+    time.sleep(0.5)  # the thread ends on its own; only then is the slot free again
+    assert gw.post("/rest/add", {"a": 1, "b": 2}).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_body_does_not_hurt_the_server(gw) -> None:  # type: ignore[no-untyped-def]
+    with socket.create_connection(("127.0.0.1", gw.port)) as sock:
+        sock.sendall(
+            b"POST /rest/echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 500\r\n\r\n{"text": '
+        )
+    assert gw.post("/rest/echo", {"text": "still here"}).json()["results"] == "still here"
+
+
+# Catalog, health, OpenAPI
+
+
+def test_catalog_lists_only_what_the_tenant_may_call(gw) -> None:  # type: ignore[no-untyped-def]
+    anonymous = gw.client.get("/rest/").json()["results"]
+    acme = gw.client.get("/rest/", headers={"x-test-tenant": "acme"}).json()["results"]
+    assert "acme_only" not in anonymous and "acme_only" in acme
+    assert set(acme) - set(anonymous) == {"acme_only"}
+    add = anonymous["add"]
+    assert add["var1"] == "a"
+    assert add["arguments"]["$defs"]["add_args"]["required"] == ["a", "b"]
+
+
+def test_healthz_reports_functions_and_refused_modules(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "discovery"))
+    body = gw.client.get("/healthz").json()
+    assert body["status"] == "ok" and body["functions"] == 5
+    assert {
+        "module": str(FIXTURES / "discovery" / "missing_name.py"),
+        "reason": "`ghost` is listed but not defined",
+    } in body["refused"]
+    assert len(body["refused"]) == 17
+
+
+@pytest.mark.parametrize("folder", [FIXTURES / "e2e", ROOT / "modules"])
+def test_openapi_is_valid_and_has_one_operation_per_function(serve, folder) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(folder))
+    document = gw.client.get("/openapi.json").json()
+    validate(document)
+    operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
+    assert operations == set(gw.app.catalog.functions)
+    add_args = document["components"]["schemas"]["add_args"]
+    assert add_args["additionalProperties"] is False and add_args["required"] == ["a", "b"]
+
+
+def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(ROOT / "modules"))
+    assert gw.post("/rest/add", {"a": 1, "b": 2}).json() == {"results": 3.0, "valid": True}
+    assert gw.post("/rest/power/3").json()["results"] == 9.0
+    assert gw.post("/rest/slugify/Hello%20World").json()["results"] == "hello-world"
+    assert gw.post("/rest/describe", {"values": [1, 2, 3]}).json()["results"]["mean"] == 2.0
+    assert gw.post("/rest/stock_level/apple").json()["results"]["level"] == 12
+    assert gw.post("/rest/word_count", {"text": "a b a"}).json()["results"] == {"words": 3, "top": [["a", 2], ["b", 1]]}
+    assert error_of(gw.post("/rest/reserve", {"sku": "apple", "qty": 1})) == (404, "not_found")
+    assert error_of(gw.post("/rest/slow_report", {"seconds": 5})) == (504, "timeout")
+    assert gw.post("/rest/is_prime/1000003").json()["results"] is True
+    response = gw.post("/rest/is_prime", {"n": 2**89 - 1})
+    assert error_of(response) == (422, "invalid_arguments")
+    assert response.json()["error"]["message"] == "Expected `int` <= 1000000000000 - at `$.n`"
