@@ -405,6 +405,36 @@ _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _JSON = b"application/json"
 
 
+class AccessLog:
+    """One line per request, handed to the ``gateway.access`` logger in batches.
+
+    A log record per request costs more than dispatching a small call (about 25 us against
+    a 60 us request), so lines are stamped when they happen and written at most
+    FLUSH_SECONDS later, nginx-style, as one record per batch.
+    """
+
+    FLUSH_SECONDS = 0.25
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def add(self, line: str) -> None:
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        if not self._lines:
+            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+        self._lines.append(f"{self._stamp},{int(now % 1 * 1000):03d} INFO gateway.access: {line}")
+
+    def flush(self) -> None:
+        if self._lines:
+            lines, self._lines = self._lines, []
+            access_log.info("\n".join(lines))
+
+
 class Gateway:
     """The ASGI app: ``/rest`` goes straight to the dispatcher (the hot path, pure ASGI);
     everything else (health, OpenAPI) is a small Starlette app."""
@@ -422,6 +452,7 @@ class Gateway:
         self.settings = settings
         self.catalog = catalog
         self.dispatcher = Dispatcher(settings)
+        self.access = AccessLog()
         self.rest: ASGIApp = security(self._rest) if security else self._rest
         self.site = Starlette(
             routes=[Route("/healthz", self._healthz), Route("/openapi.json", self._openapi)],
@@ -440,6 +471,7 @@ class Gateway:
     async def _lifespan(self, app: object) -> typing.AsyncIterator[None]:
         yield
         self.dispatcher.close()
+        self.access.flush()
 
     async def _rest(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -481,13 +513,10 @@ class Gateway:
         )
         await send({"type": "http.response.body", "body": body})
         if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s tenant=%s func=%s status=%d %.2fms",
-                request_id.decode(),
-                scope.get(TENANT_KEY, "-"),
-                scope.get("gateway.function", func_name or "-"),
-                status,
-                (time.perf_counter() - started) * 1000,
+            self.access.add(
+                f"{request_id.decode()} tenant={scope.get(TENANT_KEY, '-')} "
+                f"func={scope.get('gateway.function', func_name or '-')} status={status} "
+                f"{(time.perf_counter() - started) * 1000:.2f}ms"
             )
 
     async def _handle(
@@ -796,6 +825,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not access_log.handlers:  # its lines come already stamped, in batches (see AccessLog)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
