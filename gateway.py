@@ -35,6 +35,20 @@ from urllib.parse import unquote
 
 import msgspec
 
+from security import (
+    BODY_KEY,
+    CALLER_KEY,
+    REQUEST_ID_KEY,
+    TENANT_KEY,
+    Credential,
+    Keystore,
+    Security,
+    b64encode,
+    open_replay_store,
+    read_credential,
+    write_credential,
+)
+
 log = logging.getLogger("gateway")
 access_log = logging.getLogger("gateway.access")
 
@@ -44,9 +58,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Keys the security middleware fills in the ASGI scope; the dispatcher only reads them.
-TENANT_KEY = "gateway.tenant"  # the verified tenant id, absent when security is off
-BODY_KEY = "gateway.body"  # the request body, when a middleware already read it
+# The scope keys the security middleware fills (the verified Caller, the body it already
+# read) are defined in security.py beside the code that writes them.
 
 STARTUP_FAILURE = 3  # exit code for "could not start", as uvicorn uses
 
@@ -69,6 +82,14 @@ class Settings:
     concurrency: int = 1024
     threads: int = 40
     log_level: str = "info"
+    auth: str = "stt1"  # "off" serves /rest/ without tokens: only for benchmarks and trusted loopback use
+    public_url: str = ""  # the audience tokens are bound to; default http://HOST:PORT
+    replay: str = "memory"
+    rotate_days: float = 0  # rotate credentials older than this many days; 0: only on demand
+
+    @property
+    def audience(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
 #### Errors
@@ -119,9 +140,15 @@ class Exposed:
     args_type: Any  # a TypedDict msgspec converts the arguments into
     returns: Any
 
-    def allows(self, tenant: str | None) -> bool:
-        # A restricted function is never callable anonymously: with security off it is hidden.
-        return self.tenants is None or (tenant is not None and tenant in self.tenants)
+    def allows(self, caller: Any) -> bool:
+        """May this caller (a security.Caller, or None with security off) call it?
+
+        A function restricted to tenants, or needing a second factor, is never callable
+        anonymously: with security off it is hidden like a missing one.
+        """
+        if caller is None:
+            return self.tenants is None and not self.otp
+        return (self.tenants is None or caller.tenant in self.tenants) and caller.may_call(self.name)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -403,6 +430,7 @@ class Dispatcher:
 
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _JSON = b"application/json"
+_CHALLENGE = ((b"www-authenticate", b"STT1"),)
 
 
 class AccessLog:
@@ -443,7 +471,7 @@ class Gateway:
         self,
         settings: Settings,
         catalog: Catalog,
-        security: Callable[[ASGIApp], ASGIApp] | None = None,
+        security: Security | Callable[[ASGIApp], ASGIApp] | None = None,
     ):
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
@@ -453,7 +481,9 @@ class Gateway:
         self.catalog = catalog
         self.dispatcher = Dispatcher(settings)
         self.access = AccessLog()
-        self.rest: ASGIApp = security(self._rest) if security else self._rest
+        self.security = security if isinstance(security, Security) else None
+        wrap = security.wrap if isinstance(security, Security) else security
+        self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
         self.site = Starlette(
             routes=[Route("/healthz", self._healthz), Route("/openapi.json", self._openapi)],
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
@@ -463,19 +493,32 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path == "/rest" or path.startswith("/rest/")):
+            scope[REQUEST_ID_KEY] = _request_id(scope)
             await self.rest(scope, receive, send)
         else:
             await self.site(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: object) -> typing.AsyncIterator[None]:
+        rotation = None
+        if self.security is not None and self.settings.rotate_days > 0:
+            rotation = asyncio.create_task(self._rotate_by_policy(self.security.keystore))
         yield
+        if rotation is not None:
+            rotation.cancel()
         self.dispatcher.close()
         self.access.flush()
 
+    async def _rotate_by_policy(self, keystore: Keystore) -> None:
+        """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials."""
+        while True:
+            for tid, old, new in await asyncio.to_thread(keystore.rotate, older_than_days=self.settings.rotate_days):
+                log.info("rotation policy: tenant %s kid %s gets successor %s", tid, old, new)
+            await asyncio.sleep(3600)
+
     async def _rest(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        request_id = None
+        request_id = scope[REQUEST_ID_KEY]
         content_type = b""
         content_length = None
         for key, value in scope["headers"]:
@@ -483,9 +526,6 @@ class Gateway:
                 content_type = value
             elif key == b"content-length":
                 content_length = value
-            elif key == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
-                request_id = value
-        request_id = request_id or secrets.token_hex(8).encode()
         func_name = None
         try:
             func_name, var1 = _split_rest_path(scope)
@@ -529,9 +569,9 @@ class Gateway:
         content_length: bytes | None,
     ) -> Any:
         method = scope["method"]
-        tenant = scope.get(TENANT_KEY)
+        caller = scope.get(CALLER_KEY)
         if func_name is None and method == "GET":
-            return self.describe(tenant)
+            return self.describe(caller)
         if method != "POST":
             allow = b"GET, POST" if func_name is None else b"POST"
             raise GatewayError(405, "method_not_allowed", f"use {allow.decode()}", ((b"allow", allow),))
@@ -546,12 +586,14 @@ class Gateway:
                 raise GatewayError(400, "bad_json", "POST /rest/ needs the function's name in `funcName`")
             func_name = scope["gateway.function"] = named
         fn = self.catalog.functions.get(func_name)
-        if fn is None or not fn.allows(tenant):
+        if fn is None or not fn.allows(caller):
             raise GatewayError(404, "not_found", "no such function")
+        if fn.otp and (caller is None or not caller.check_otp()):
+            raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
         kwargs = bind(fn, body, var1, func_name)
         return await self.dispatcher.call(fn, kwargs)
 
-    def describe(self, tenant: str | None) -> dict[str, Any]:
+    def describe(self, caller: Any) -> dict[str, Any]:
         """The catalog a tenant sees: only what it may call."""
         return {
             fn.name: {
@@ -560,7 +602,7 @@ class Gateway:
                 "arguments": msgspec.json.schema(fn.args_type, schema_hook=_schema_hook),
             }
             for fn in self.catalog.functions.values()
-            if fn.allows(tenant)
+            if fn.allows(caller)
         }
 
     async def _healthz(self, request: Any) -> Any:
@@ -588,6 +630,14 @@ def _json_response(content: Any, status: int = 200, headers: dict[str, str] | No
 
     headers = {"x-request-id": secrets.token_hex(8), **(headers or {})}
     return Response(msgspec.json.encode(content), status, headers, media_type="application/json")
+
+
+def _request_id(scope: Scope) -> bytes:
+    """The client's (or load balancer's) X-Request-Id when it is safe to log, else a new one."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
+            return bytes(value)
+    return secrets.token_hex(8).encode()
 
 
 def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
@@ -684,13 +734,25 @@ def create_app(
     modules: str | os.PathLike[str] | None = "modules",
     *,
     settings: Settings | None = None,
-    security: Callable[[ASGIApp], ASGIApp] | None = None,
+    security: Security | Callable[[ASGIApp], ASGIApp] | None = None,
     **overrides: Any,
 ) -> Gateway:
-    """Build the ASGI app for a folder of modules; for scripts and tests that embed the gateway."""
+    """Build the ASGI app for a folder of modules; for scripts and tests that embed the gateway.
+
+    Secure by default: unless ``auth="off"``, every call needs an STT1 token checked against
+    the keystore in ``settings.db`` (or the ``security`` given).
+    """
     settings = dataclasses.replace(settings or Settings(), **overrides)
-    packages = settings.packages
-    return Gateway(settings, load_modules(modules, packages), security)
+    if security is None and settings.auth != "off":
+        security = build_security(settings)
+    return Gateway(settings, load_modules(modules, settings.packages), security)
+
+
+def build_security(settings: Settings) -> Security:
+    keystore = Keystore(settings.db)
+    return Security(
+        keystore, open_replay_store(settings.replay, settings.db), settings.audience, max_body=settings.max_body
+    )
 
 
 #### Serving
@@ -752,13 +814,25 @@ def app_from_env() -> Gateway:
 
 #### CLI
 
+_OPTIONS: list[tuple[str, type, str]] = [
+    ("host", str, "address to listen on"),
+    ("port", int, "port"),
+    ("modules", str, "modules folder"),
+    ("db", str, "keystore file (SQLite); its master key is <db>.key unless GATEWAY_MASTER_KEY is set"),
+    ("workers", int, "processes serving the port (needs --replay sqlite)"),
+    ("timeout", float, "seconds a call may take, unless its entry sets one"),
+    ("max_body", int, "largest request body in bytes"),
+    ("concurrency", int, "calls in progress (per process) before 503"),
+    ("log_level", str, "debug, info, warning or error"),
+    ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
+    ("public_url", str, "the origin clients call, bound into every token (default http://HOST:PORT)"),
+    ("replay", str, "replay store: memory (one process), sqlite (beside the db), sqlite:///path"),
+    ("rotate_days", float, "give credentials older than this a successor, in-band (0: never)"),
+]
+
 
 def _env_name(field: str) -> str:
     return "GATEWAY_PACKAGE" if field == "packages" else f"GATEWAY_{field.upper()}"
-
-
-def _env(name: str, default: Any) -> Any:
-    return os.environ.get(_env_name(name), default)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -768,59 +842,46 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Every option can also be set as an environment variable GATEWAY_<OPTION>, e.g. GATEWAY_PORT=9000.",
     )
     defaults = Settings()
-    parser.add_argument("--host", default=_env("host", defaults.host), help="address to listen on (%(default)s)")
-    parser.add_argument("--port", type=int, default=_env("port", defaults.port), help="port (%(default)s)")
-    parser.add_argument("--modules", default=_env("modules", defaults.modules), help="modules folder (%(default)s)")
+    for name, kind, help_text in _OPTIONS:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=os.environ.get(_env_name(name), getattr(defaults, name)),
+            help=f"{help_text} (%(default)s)",
+        )
     parser.add_argument(
         "--package",
         action="append",
-        default=[p for p in _env("package", "").split(",") if p],
-        help="also expose the modules of this installed package (repeatable; env: comma-separated)",
+        default=[p for p in os.environ.get("GATEWAY_PACKAGE", "").split(",") if p],
+        help="also expose this installed package's modules (repeatable)",
     )
-    parser.add_argument("--db", default=_env("db", defaults.db), help="keystore file (%(default)s)")
-    parser.add_argument(
-        "--workers", type=int, default=_env("workers", defaults.workers), help="processes (%(default)s)"
+    commands = parser.add_subparsers(dest="command", metavar="{tenant,token}")
+    tenant = commands.add_parser("tenant", help="manage tenants and their credentials").add_subparsers(
+        dest="action", required=True
     )
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=_env("timeout", defaults.timeout),
-        help="seconds a call may take, unless its entry sets one (%(default)s)",
-    )
-    parser.add_argument(
-        "--max-body",
-        type=int,
-        default=_env("max_body", defaults.max_body),
-        help="largest request body in bytes (%(default)s)",
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=_env("concurrency", defaults.concurrency),
-        help="calls in progress before 503 (%(default)s)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=_env("log_level", defaults.log_level),
-        choices=["debug", "info", "warning", "error"],
-        help="(%(default)s)",
-    )
+    add = tenant.add_parser("add", help="a new tenant and its first credential file")
+    add.add_argument("name")
+    add.add_argument("--functions", help="comma-separated names it may call (default: all)")
+    add.add_argument("--out", help="credential file to write (default: NAME-credential.json)")
+    tenant.add_parser("list", help="tenants, credentials and their states (never secrets)")
+    tenant.add_parser("rotate", help="a pending successor key, delivered in-band").add_argument("name")
+    tenant.add_parser("revoke", help="retire a tenant's credentials, or one kid, now").add_argument("name_or_kid")
+    export = tenant.add_parser("export", help="another credential file for a new installation")
+    export.add_argument("name")
+    export.add_argument("--out", required=True)
+    tenant.add_parser("otp-enroll", help="an authenticator secret for functions flagged otp").add_argument("name")
+    token = commands.add_parser("token", help="print a curl command with a fresh token (valid 45 s, once)")
+    token.add_argument("--cred", required=True, help="credential file")
+    token.add_argument("method")
+    token.add_argument("path", help="path and query, e.g. /rest/add")
+    token.add_argument("--data", help="JSON body")
+    token.add_argument("--otp", help="authenticator code, for functions flagged otp")
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(
-        host=args.host,
-        port=args.port,
-        modules=args.modules,
-        packages=tuple(args.package),
-        db=args.db,
-        workers=args.workers,
-        timeout=args.timeout,
-        max_body=args.max_body,
-        concurrency=args.concurrency,
-        log_level=args.log_level,
-    )
+    fields = {name: getattr(args, name) for name, _, _ in _OPTIONS}
+    return Settings(packages=tuple(args.package), **fields)
 
 
 def _configure_logging(level: str) -> None:
@@ -832,22 +893,122 @@ def _configure_logging(level: str) -> None:
         access_log.propagate = False
 
 
+def _credential(settings: Settings, kid: str, k: bytes, tid: str) -> Credential:
+    return Credential(stt=1, url=settings.audience, tid=tid, kid=kid, k=b64encode(k))
+
+
+def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
+    keystore = Keystore(settings.db)
+    try:
+        if args.action == "add":
+            functions = None if args.functions is None else [f for f in args.functions.split(",") if f]
+            kid, k = keystore.add_tenant(args.name, functions)
+            out = args.out or f"{args.name}-credential.json"
+            write_credential(out, _credential(settings, kid, k, args.name))
+            print(f"tenant {args.name}: credential {kid} written to {out} (mode 0600; keep it secret)")
+        elif args.action == "export":
+            kid, k = keystore.add_credential(args.name)
+            write_credential(args.out, _credential(settings, kid, k, args.name))
+            print(f"tenant {args.name}: new credential {kid} written to {args.out} (mode 0600)")
+        elif args.action == "list":
+            for row in keystore.rows():
+                print(
+                    f"{row['tid']:<20} {row['kid']}  {row['state']:<9} functions={row['functions'] or 'all'}"
+                    f"{'  otp' if row['otp'] else ''}"
+                )
+        elif args.action == "rotate":
+            made = keystore.rotate(args.name)
+            for tid, old, new in made:
+                print(f"tenant {tid}: {old} -> {new} (pending; clients adopt it on their next call)")
+            if not made:
+                print(f"tenant {args.name}: nothing to rotate (no active credential without a pending successor)")
+        elif args.action == "revoke":
+            print(f"{args.name_or_kid}: {keystore.revoke(args.name_or_kid)} credential(s) retired")
+        elif args.action == "otp-enroll":
+            import pyotp
+
+            secret = keystore.otp_enroll(args.name)
+            print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
+    except ValueError as exc:
+        return _fail(str(exc))
+    finally:
+        keystore.close()
+    return 0
+
+
+def _token_command(args: argparse.Namespace) -> int:
+    import shlex
+
+    from security import sign_request
+
+    credential = read_credential(args.cred)
+    body = (args.data or "").encode()
+    content_type = b"application/json" if body else b""
+    token, _ = sign_request(
+        credential, args.method.upper(), args.path.encode(), content_type, body, time.time(), otp=args.otp
+    )
+    command = [
+        "curl",
+        "-sS",
+        "--path-as-is",
+        "-X",
+        args.method.upper(),
+        credential.url + args.path,
+        "-H",
+        f"Authorization: STT1 {token}",
+    ]
+    if body:
+        command += ["-H", "Content-Type: application/json", "--data-raw", args.data]
+    print(shlex.join(command))
+    return 0
+
+
+def _first_run(settings: Settings) -> None:
+    """No keystore yet: make one with a demo tenant, and show how to call the gateway."""
+    kid, k = Keystore(settings.db).add_tenant("demo")
+    write_credential("demo-credential.json", _credential(settings, kid, k, "demo"))
+    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
+    body = '{"a": 1, "b": 2}'
+    print(
+        f"\nFirst run: created {settings.db} with the tenant 'demo'; its credential is demo-credential.json"
+        " (mode 0600: it is a secret).\nCall a function with the Python client:\n"
+        f"  {python} client.py --cred demo-credential.json add --json '{body}'\n"
+        "or with curl (a token is good for one call within 45 s):\n"
+        f"  eval \"$({python} gateway.py token --cred demo-credential.json POST /rest/add --data '{body}')\"\n",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = _settings(_parser().parse_args(argv))
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
     _configure_logging(settings.log_level)
+    if args.command == "tenant":
+        return _tenant_command(args, settings)
+    if args.command == "token":
+        return _token_command(args)
     if not Path(settings.modules).is_dir():
         return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
     for name in ("workers", "timeout", "max_body", "concurrency"):
         if getattr(settings, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be positive")
+    if settings.auth not in ("stt1", "off"):
+        return _fail("--auth must be stt1 or off")
+    if settings.auth == "stt1":
+        if settings.workers > 1 and settings.replay == "memory":
+            return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
+        try:
+            open_replay_store(settings.replay, settings.db)
+        except ValueError as exc:
+            return _fail(str(exc))
+        if not Path(settings.db).exists():
+            _first_run(settings)
+    else:
+        log.warning("--auth off: /rest/ answers anyone who can reach %s", settings.audience)
     origin = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
         app = create_app(settings.modules, settings=settings)
         log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
-        if "add" in app.catalog.functions:
-            log.info(
-                "try: curl -X POST %s/rest/add -H 'content-type: application/json' -d '{\"a\": 1, \"b\": 2}'", origin
-            )
         serve(app)
         return 0
     import uvicorn.supervisors

@@ -12,15 +12,24 @@ Nothing in this section reads the clock; time comes in as ``iat`` or ``step`` pa
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
 import hmac
+import json
+import logging
+import math
 import os
 import re
+import sqlite3
 import struct
-from typing import Annotated, NamedTuple, NoReturn
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated, Any, NamedTuple, NoReturn
 
 import msgspec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "DIRECTIONS",
@@ -561,3 +570,832 @@ def open_token(key: DirectionKey, token: str | UnverifiedToken, implicit: bytes)
     except (msgspec.ValidationError, msgspec.DecodeError):
         raise InvalidToken() from None
     return Opened(footer, claims)
+
+
+#### Credential files
+
+
+class Credential(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    """A client's credential file (PROTOCOL.md 1): who it is, where, and its secret.
+
+    ``next`` holds a rotated key between receiving it and the first verified response under
+    it (PROTOCOL.md 5.3); both keys must survive a crash in between, hence the file.
+    """
+
+    stt: Annotated[int, msgspec.Meta(ge=1, le=1)]
+    url: str
+    tid: Annotated[str, msgspec.Meta(pattern="^[a-z0-9][a-z0-9-]{0,31}$")]
+    kid: _Id16
+    k: _Key32
+    next: RotatedKey | msgspec.UnsetType = msgspec.UNSET
+
+    def __repr__(self) -> str:
+        return f"Credential(url={self.url!r}, tid={self.tid!r}, kid={self.kid!r}, k=<hidden>)"
+
+    @property
+    def secret(self) -> bytes:
+        return b64decode(self.k)
+
+
+def read_credential(path: str | os.PathLike[str]) -> Credential:
+    """Load and strictly validate a credential file; ValueError says what is wrong with it."""
+    with open(path, "rb") as file:
+        raw = file.read()
+    try:
+        return msgspec.json.decode(raw, type=Credential)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ValueError(f"{os.fspath(path)} is not an STT1 credential file: {exc}") from None
+
+
+def write_credential(path: str | os.PathLike[str], credential: Credential) -> None:
+    """Write atomically with mode 0600: a crash leaves the old file or the new one, never half.
+
+    The temporary file is created 0600 from the start (never world-readable for a moment),
+    fsynced, renamed over the old file, and the directory fsynced so the rename is durable.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.{os.getpid()}.{new_jti()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(msgspec.json.format(msgspec.json.encode(credential)) + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+#### Keystore
+# SQLite (WAL) holds tenants and their credentials; every change is one transaction. K is
+# stored encrypted (AES-GCM under a master key, bound to its tid and kid as associated data),
+# so a copied database file alone does not give away a single key. The request path never
+# touches the file: it reads a KeyCache, rebuilt when PRAGMA data_version says another
+# connection (the CLI, another worker) committed a change, checked at most once a second.
+
+GRACE_SECONDS = 600  # how long the old kid keeps working after its successor's first use
+STATES = ("active", "pending", "retiring", "retired")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (
+    tid TEXT PRIMARY KEY,
+    created INTEGER NOT NULL,
+    functions TEXT,                      -- JSON list of names, NULL: every function
+    otp_secret BLOB,                     -- encrypted pyotp base32 secret, NULL: not enrolled
+    otp_last INTEGER NOT NULL DEFAULT -1 -- last accepted TOTP timecode (RFC 6238 5.2)
+);
+CREATE TABLE IF NOT EXISTS credentials (
+    kid TEXT PRIMARY KEY,
+    tid TEXT NOT NULL REFERENCES tenants(tid) ON DELETE CASCADE,
+    secret BLOB NOT NULL,                -- AES-GCM nonce || ciphertext of K
+    state TEXT NOT NULL CHECK (state IN ('active', 'pending', 'retiring', 'retired')),
+    created INTEGER NOT NULL,
+    parent TEXT,                         -- for a pending credential: the kid it replaces
+    retire_at INTEGER                    -- for a retiring credential: end of its grace period
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_pending_per_credential ON credentials(parent) WHERE state = 'pending';
+"""
+
+
+def load_master_key(db_path: str | os.PathLike[str]) -> bytes:
+    """The key that encrypts credentials at rest.
+
+    From GATEWAY_MASTER_KEY (base64url of 32 bytes) when set, so it can live in a secret
+    manager; otherwise from ``<db>.key``, created once with mode 0600. Losing it makes
+    every stored credential unreadable: back it up apart from the database.
+    """
+    from_env = os.environ.get("GATEWAY_MASTER_KEY")
+    if from_env:
+        try:
+            key = b64decode(from_env.strip())
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ValueError("GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
+        return key
+    path = f"{os.fspath(db_path)}.key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, "rb") as file:
+            key = b64decode(file.read().decode("ascii").strip())
+        if len(key) != 32:
+            raise ValueError(f"{path} does not hold a 32-byte master key") from None
+        return key
+    key = os.urandom(32)
+    with os.fdopen(fd, "wb") as file:
+        file.write(b64encode(key).encode("ascii") + b"\n")
+        file.flush()
+        os.fsync(file.fileno())
+    return key
+
+
+class CachedKey:
+    """One credential as the request path needs it: both direction keys, ready to use."""
+
+    __slots__ = ("c2s", "kid", "retire_at", "rk", "s2c", "state", "tid")
+
+    def __init__(self, tid: str, kid: str, k: bytes, state: str, retire_at: int | None) -> None:
+        self.tid, self.kid, self.state, self.retire_at = tid, kid, state, retire_at
+        self.c2s = DirectionKey(k, "c2s", tid, kid)
+        self.s2c = DirectionKey(k, "s2c", tid, kid)
+        self.rk: RotatedKey | None = None  # set on an active key whose successor is pending
+
+    def __repr__(self) -> str:
+        return f"CachedKey(tid={self.tid!r}, kid={self.kid!r}, state={self.state!r})"
+
+    def usable(self, now: float) -> bool:
+        if self.state == "retiring":
+            return self.retire_at is not None and now < self.retire_at
+        return self.state in ("active", "pending")
+
+
+class KeyCache:
+    """An immutable snapshot of the keystore: swapped whole, never edited in place."""
+
+    def __init__(
+        self,
+        keys: dict[tuple[str, str], CachedKey],
+        functions: dict[str, frozenset[str] | None],
+        otp_tenants: frozenset[str],
+    ) -> None:
+        self.keys = keys
+        self.functions = functions
+        self.otp_tenants = otp_tenants
+
+
+class Keystore:
+    """Tenants and credentials in SQLite; admin changes are one transaction each."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], master_key: bytes | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.path = os.fspath(path)
+        self.clock = clock
+        self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path))
+        if not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm follow its mode
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # keys are few and precious: every commit durable
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.RLock()
+        self._cache: KeyCache | None = None
+        self._version: int | None = None
+        self._checked = 0.0
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            self._cache = None  # our own commits do not move data_version: drop the cache now
+
+    # -- secrets at rest
+
+    def _seal(self, purpose: str, ids: str, secret: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, secret, f"stt1 {purpose}\x00{ids}".encode())
+
+    def _open(self, purpose: str, ids: str, sealed: bytes) -> bytes:
+        return self._aead.decrypt(sealed[:12], sealed[12:], f"stt1 {purpose}\x00{ids}".encode())
+
+    # -- administration
+
+    def add_tenant(self, tid: str, functions: list[str] | None = None) -> tuple[str, bytes]:
+        """Create a tenant with its first credential; returns (kid, K)."""
+        if not _TID_RE.fullmatch(tid):
+            raise ValueError(f"tenant name {tid!r}: use 1-32 of a-z 0-9 -, starting with a letter or digit")
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM tenants WHERE tid = ?", (tid,)).fetchone():
+                raise ValueError(f"tenant {tid!r} exists already")
+            db.execute(
+                "INSERT INTO tenants (tid, created, functions) VALUES (?, ?, ?)",
+                (tid, int(self.clock()), None if functions is None else json.dumps(sorted(functions))),
+            )
+            return self._new_credential(db, tid, "active")
+
+    def add_credential(self, tid: str) -> tuple[str, bytes]:
+        """Another active credential for an existing tenant (one per client installation)."""
+        with self._transaction() as db:
+            self._require_tenant(db, tid)
+            return self._new_credential(db, tid, "active")
+
+    def _new_credential(
+        self, db: sqlite3.Connection, tid: str, state: str, parent: str | None = None
+    ) -> tuple[str, bytes]:
+        kid, k = new_jti(), os.urandom(32)
+        db.execute(
+            "INSERT INTO credentials (kid, tid, secret, state, created, parent) VALUES (?, ?, ?, ?, ?, ?)",
+            (kid, tid, self._seal("key", f"{tid}\x00{kid}", k), state, int(self.clock()), parent),
+        )
+        return kid, k
+
+    @staticmethod
+    def _require_tenant(db: sqlite3.Connection, tid: str) -> None:
+        if not db.execute("SELECT 1 FROM tenants WHERE tid = ?", (tid,)).fetchone():
+            raise ValueError(f"no tenant {tid!r}")
+
+    def set_functions(self, tid: str, functions: list[str] | None) -> None:
+        with self._transaction() as db:
+            self._require_tenant(db, tid)
+            db.execute(
+                "UPDATE tenants SET functions = ? WHERE tid = ?",
+                (None if functions is None else json.dumps(sorted(functions)), tid),
+            )
+
+    def rotate(self, tid: str | None = None, older_than_days: float | None = None) -> list[tuple[str, str, str]]:
+        """Make a pending successor for each active credential (of ``tid``, or older than N days).
+
+        Returns (tid, old kid, new kid) for each one made. A credential that already has a
+        pending successor keeps it: the same rk is delivered until it is used (PROTOCOL 5.2).
+        """
+        made = []
+        with self._transaction() as db:
+            if tid is not None:
+                self._require_tenant(db, tid)
+            rows = db.execute(
+                "SELECT tid, kid, created FROM credentials c WHERE state = 'active' AND (? IS NULL OR tid = ?) "
+                "AND NOT EXISTS (SELECT 1 FROM credentials p WHERE p.parent = c.kid AND p.state = 'pending')",
+                (tid, tid),
+            ).fetchall()
+            cutoff = None if older_than_days is None else self.clock() - older_than_days * 86400
+            for row_tid, kid, created in rows:
+                if cutoff is None or created <= cutoff:
+                    new_kid, _ = self._new_credential(db, row_tid, "pending", parent=kid)
+                    made.append((row_tid, kid, new_kid))
+        return made
+
+    def promote(self, kid: str) -> bool:
+        """First valid use of a pending kid: it becomes active, its parent retiring (PROTOCOL 5.4).
+
+        Idempotent across workers: only the first caller finds it still pending.
+        """
+        now = int(self.clock())
+        with self._transaction() as db:
+            row = db.execute("SELECT parent FROM credentials WHERE kid = ? AND state = 'pending'", (kid,)).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE credentials SET state = 'active', parent = NULL WHERE kid = ?", (kid,))
+            db.execute(
+                "UPDATE credentials SET state = 'retiring', retire_at = ? WHERE kid = ? AND state = 'active'",
+                (now + GRACE_SECONDS, row[0]),
+            )
+        return True
+
+    def revoke(self, tid_or_kid: str) -> int:
+        """Retire at once every credential of a tenant, or one kid; returns how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE credentials SET state = 'retired', retire_at = ? WHERE (tid = ? OR kid = ?) "
+                "AND state != 'retired'",
+                (int(self.clock()), tid_or_kid, tid_or_kid),
+            )
+            if (
+                cursor.rowcount == 0
+                and not db.execute(
+                    "SELECT 1 FROM credentials WHERE tid = ? OR kid = ?", (tid_or_kid, tid_or_kid)
+                ).fetchone()
+            ):
+                raise ValueError(f"no tenant or kid {tid_or_kid!r}")
+            return cursor.rowcount
+
+    def otp_enroll(self, tid: str) -> str:
+        """A new authenticator secret for a tenant; returns the base32 secret (shown once)."""
+        import pyotp
+
+        secret = pyotp.random_base32()
+        with self._transaction() as db:
+            self._require_tenant(db, tid)
+            db.execute(
+                "UPDATE tenants SET otp_secret = ?, otp_last = -1 WHERE tid = ?",
+                (self._seal("otp", tid, secret.encode()), tid),
+            )
+        return secret
+
+    def check_otp(self, tid: str, code: str, now: float) -> bool:
+        """RFC 6238 with one step of drift either way; a timecode at or below the last accepted
+        one is refused (5.2), atomically, so two workers cannot both accept one code."""
+        import pyotp
+
+        with self._lock:
+            row = self._db.execute("SELECT otp_secret FROM tenants WHERE tid = ?", (tid,)).fetchone()
+        if row is None or row[0] is None:
+            return False
+        totp = pyotp.TOTP(self._open("otp", tid, row[0]).decode())
+        current = totp.timecode(now)
+        for timecode in (current - 1, current, current + 1):
+            if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()):
+                with self._transaction() as db:
+                    updated = db.execute(
+                        "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
+                    ).rowcount
+                return updated == 1
+        return False
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Credentials for ``tenant list``: ids, states and dates, never secrets."""
+        with self._lock:
+            cursor = self._db.execute(
+                "SELECT c.tid, c.kid, c.state, c.created, c.retire_at, t.functions, t.otp_secret IS NOT NULL "
+                "FROM credentials c JOIN tenants t USING (tid) ORDER BY c.tid, c.created"
+            )
+            return [
+                dict(zip(("tid", "kid", "state", "created", "retire_at", "functions", "otp"), row, strict=True))
+                for row in cursor
+            ]
+
+    # -- the request path's view
+
+    def snapshot(self) -> KeyCache:
+        """The current KeyCache; rebuilt only when the database changed (checked <= 1/s)."""
+        now = self.clock()
+        cache = self._cache
+        if cache is not None and now - self._checked < 1.0:
+            return cache
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            self._checked = now
+            if self._cache is None or version != self._version:
+                self._cache, self._version = self._load(), version
+            return self._cache
+
+    def _load(self) -> KeyCache:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            tenants = db.execute("SELECT tid, functions, otp_secret IS NOT NULL FROM tenants").fetchall()
+            rows = db.execute(
+                "SELECT tid, kid, secret, state, retire_at, parent FROM credentials WHERE state != 'retired'"
+            ).fetchall()
+        finally:
+            db.execute("COMMIT")
+        keys: dict[tuple[str, str], CachedKey] = {}
+        successors: dict[str, RotatedKey] = {}
+        for tid, kid, sealed, state, retire_at, parent in rows:
+            k = self._open("key", f"{tid}\x00{kid}", sealed)
+            keys[(tid, kid)] = CachedKey(tid, kid, k, state, retire_at)
+            if state == "pending" and parent:
+                successors[parent] = RotatedKey(kid=kid, k=b64encode(k))
+        for key in keys.values():
+            if key.state == "active":
+                key.rk = successors.get(key.kid)
+        functions = {tid: None if names is None else frozenset(json.loads(names)) for tid, names, _ in tenants}
+        return KeyCache(keys, functions, frozenset(tid for tid, _, otp in tenants if otp))
+
+    def is_retired(self, tid: str, kid: str) -> bool:
+        """For the alert log line only: was this kid ever ours and is now retired?"""
+        with self._lock:
+            row = self._db.execute("SELECT state FROM credentials WHERE tid = ? AND kid = ?", (tid, kid)).fetchone()
+        return row is not None and row[0] == "retired"
+
+
+#### Replay stores
+# One contract (PROTOCOL.md 7): check_and_insert(key, expires_at) is an atomic insert-if-absent,
+# True the first time. Entries are never dropped before expires_at, so a full store refuses
+# (ReplayStoreError, answered 503) instead of forgetting: fail closed.
+
+
+class ReplayStoreError(Exception):
+    """The store could not answer (full, down, locked): the request must not go through."""
+
+
+class MemoryReplayStore:
+    """One process. Keys are bucketed by expiry second so purging is amortised O(1)."""
+
+    shared = False  # another process cannot see it: the gateway refuses it with --workers > 1
+
+    def __init__(self, max_entries: int = 2_000_000, clock: Callable[[], float] = time.time) -> None:
+        self.max_entries = max_entries
+        self.clock = clock
+        self._seen: dict[bytes, int] = {}
+        self._buckets: dict[int, list[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+        with self._lock:
+            if key in self._seen:
+                return False
+            if len(self._seen) >= self.max_entries:
+                self._purge(int(self.clock()))
+                if len(self._seen) >= self.max_entries:
+                    raise ReplayStoreError("memory replay store is full")
+            elif len(self._buckets) > 120:
+                self._purge(int(self.clock()))
+            self._seen[key] = expires_at
+            bucket = self._buckets.get(expires_at)
+            if bucket is None:
+                self._buckets[expires_at] = [key]
+            else:
+                bucket.append(key)
+            return True
+
+    def _purge(self, now: int) -> None:
+        for expires_at in [t for t in self._buckets if t < now]:
+            for key in self._buckets.pop(expires_at):
+                del self._seen[key]
+
+
+class SqliteReplayStore:
+    """Several worker processes on one host share one WAL database file."""
+
+    shared = True
+
+    def __init__(
+        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time, purge_every: int = 1000
+    ) -> None:
+        self.path = os.fspath(path)
+        self.clock = clock
+        self.purge_every = purge_every
+        self._inserts = 0
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=2.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (k BLOB PRIMARY KEY, exp INTEGER NOT NULL) WITHOUT ROWID")
+        self._lock = threading.Lock()
+
+    def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+        try:
+            with self._lock:
+                new = (
+                    self._db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount
+                    == 1
+                )
+                self._inserts += 1
+                if self._inserts % self.purge_every == 0:
+                    self._db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
+                return new
+        except sqlite3.Error as exc:
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
+
+
+def open_replay_store(url: str, db_path: str) -> MemoryReplayStore | SqliteReplayStore:
+    """``memory``, ``sqlite`` (a file beside the keystore) or ``sqlite:///path/to/file``."""
+    if url == "memory":
+        return MemoryReplayStore()
+    if url == "sqlite":
+        return SqliteReplayStore(f"{db_path}.replay")
+    if url.startswith("sqlite:///"):
+        return SqliteReplayStore(url[len("sqlite:///") - 1 :])
+    raise ValueError(f"unknown replay store {url!r}: use memory, sqlite or sqlite:///path")
+
+
+def replay_key(tid: str, kid: str, jti: str) -> bytes:
+    """PROTOCOL.md 3.8's SHA256(tid, kid, "c2s", jti), with PAE so no two tuples collide."""
+    return hashlib.sha256(pae(tid.encode(), kid.encode(), b"c2s", jti.encode())).digest()
+
+
+#### Middleware
+# PROTOCOL.md 3, in its order. Everything before the token is verified is answered without a
+# response token (401, 413, 429); everything after is signed, errors included.
+
+MAX_SKEW = 45  # seconds either side of the server's clock (3.3)
+REPLAY_TTL = 50  # a jti is remembered until iat + 50 (3.8): past every accepted iat + 45
+CALLER_KEY = "gateway.caller"  # what the dispatcher reads: the verified Caller
+TENANT_KEY = "gateway.tenant"
+BODY_KEY = "gateway.body"
+REQUEST_ID_KEY = "gateway.request_id"
+
+_UNAUTHORIZED = b'{"valid":false,"error":{"code":"unauthorized","message":"missing, invalid or expired token"}}'
+
+log = logging.getLogger("gateway.security")
+
+_Scope = Any
+_Receive = Callable[[], Awaitable[Any]]
+_Send = Callable[[Any], Awaitable[None]]
+
+
+class Caller:
+    """The verified tenant of one request, as the dispatcher sees it (steps 9 and 6 of OTP)."""
+
+    __slots__ = ("_security", "functions", "otp", "tenant")
+
+    def __init__(self, security: Security, tenant: str, functions: frozenset[str] | None, otp: str | None):
+        self._security, self.tenant, self.functions, self.otp = security, tenant, functions, otp
+
+    def may_call(self, name: str) -> bool:
+        return self.functions is None or name in self.functions
+
+    def check_otp(self) -> bool:
+        """The second factor for a function flagged ``otp`` (PROTOCOL.md 6)."""
+        if self.otp is None:
+            return False
+        return self._security.keystore.check_otp(self.tenant, self.otp, self._security.clock())
+
+
+class _Refused(Exception):
+    """A request that gets the one 401: the reason is for the log only."""
+
+
+class Throttle:
+    """Counts failures per client address and per claimed tenant in fixed windows.
+
+    Per tenant as PROTOCOL.md 3 asks, with a higher limit than per address: the tenant in a
+    refused token is unauthenticated, so a low limit would let anyone lock a tenant out.
+    """
+
+    def __init__(self, per_address: int = 30, per_tenant: int = 300, window: int = 60) -> None:
+        self.limits = {"addr": per_address, "tid": per_tenant}
+        self.window = window
+        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def blocked(self, kind: str, who: str, now: float) -> bool:
+        entry = self._counts.get((kind, who))
+        return entry is not None and entry[0] == int(now) // self.window and entry[1] >= self.limits[kind]
+
+    def fail(self, kind: str, who: str, now: float) -> None:
+        window = int(now) // self.window
+        if len(self._counts) > 100_000:  # bounded: forget old windows wholesale
+            self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
+        entry = self._counts.get((kind, who))
+        count = entry[1] + 1 if entry is not None and entry[0] == window else 1
+        self._counts[(kind, who)] = (window, count)
+
+
+class Security:
+    """The STT1 check for one gateway: a keystore, a replay store, the audience, a clock.
+
+    ``wrap(app)`` gives the pure-ASGI middleware to put in front of ``/rest``.
+    """
+
+    def __init__(
+        self,
+        keystore: Keystore,
+        replay: MemoryReplayStore | SqliteReplayStore | Any,
+        audience: str,
+        *,
+        max_body: int = 1 << 20,
+        clock: Callable[[], float] = time.time,
+        boot_time: float | None = None,
+        throttle: Throttle | None = None,
+    ) -> None:
+        self.keystore, self.replay, self.audience, self.max_body, self.clock = (
+            keystore,
+            replay,
+            audience.rstrip("/"),
+            max_body,
+            clock,
+        )
+        # A memory store forgets everything on restart: tokens minted before this process
+        # started might have been used against the previous one, so they are refused (3.3).
+        # The boot second itself counts as "before": the safer reading of "iat >= boot time".
+        boot = clock() if boot_time is None else boot_time
+        self.min_iat = math.ceil(boot) if not getattr(replay, "shared", False) else 0
+        self.throttle = throttle or Throttle()
+        self._log_budget = (0, 0)  # (second, lines logged in it)
+
+    def wrap(
+        self, app: Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+    ) -> Callable[[_Scope, _Receive, _Send], Awaitable[None]]:
+        async def stt1_middleware(scope: _Scope, receive: _Receive, send: _Send) -> None:
+            await self._handle(app, scope, receive, send)
+
+        return stt1_middleware
+
+    # -- the checks
+
+    async def _handle(self, app: Any, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        now = self.clock()
+        request_id = scope.get(REQUEST_ID_KEY, b"-")
+        client = scope.get("client")
+        address = client[0] if client else "-"
+        if self.throttle.blocked("addr", address, now):
+            return await _reply(
+                send,
+                429,
+                _error(b"throttled", b"too many failed requests; retry later"),
+                request_id,
+                ((b"retry-after", str(self.throttle.window).encode()),),
+            )
+        tid = None
+        try:
+            authorization, content_length = _read_headers(scope)
+            parsed = parse(authorization)  # 2: shape and footer
+            footer = parsed.footer
+            tid = footer.tid
+            if footer.direction != "c2s":
+                raise _Refused("s2c token sent as a request")
+            if self.throttle.blocked("tid", tid, now):
+                return await _reply(
+                    send,
+                    429,
+                    _error(b"throttled", b"too many failed requests; retry later"),
+                    request_id,
+                    ((b"retry-after", str(self.throttle.window).encode()),),
+                )
+            if abs(now - footer.iat) > MAX_SKEW:  # 3
+                raise _Refused(f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
+            if footer.iat < self.min_iat:
+                raise _Refused("iat before this process started (memory replay store)")
+            cache = self.keystore.snapshot()
+            key = cache.keys.get((tid, footer.kid))  # 4
+            if key is None or not key.usable(now):
+                if key is not None or self.keystore.is_retired(tid, footer.kid):
+                    log.warning(
+                        "ALERT request %s: retired kid %s of tenant %s was used", request_id.decode(), footer.kid, tid
+                    )
+                raise _Refused("unknown, retired or expired kid")
+            if content_length is not None and content_length > self.max_body:  # 5
+                return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
+            body = await _read_body(receive, self.max_body)
+            if body is None:
+                return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
+            target = scope.get("raw_path") or scope["path"].encode()
+            if scope.get("query_string"):
+                target += b"?" + scope["query_string"]
+            implicit = request_assertion(self.audience, scope["method"], target, _header(scope, b"content-type"), body)
+            claims = open_token(key.c2s, parsed, implicit).claims  # 6, 7
+        except _Refused as exc:
+            return await self._unauthorized(send, request_id, address, tid, now, str(exc))
+        except InvalidToken:
+            return await self._unauthorized(send, request_id, address, tid, now, "token does not verify")
+        assert isinstance(claims, RequestClaims)
+
+        # From here on every answer is signed, bound to this request's jti.
+        signed_send = self._signing_send(send, key, claims.jti)
+        try:
+            fresh = self.replay.check_and_insert(replay_key(tid, key.kid, claims.jti), footer.iat + REPLAY_TTL)  # 8
+        except Exception as exc:  # any store failure: fail closed
+            log.error("request %s: replay store failed: %s", request_id.decode(), exc)
+            return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)
+        if not fresh:
+            self._log(request_id, f"replayed jti from tenant {tid}")
+            return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
+        if key.state == "pending":  # 10
+            if self.keystore.promote(key.kid):
+                log.info(
+                    "request %s: tenant %s now signs with kid %s; the old kid retires in %d s",
+                    request_id.decode(),
+                    tid,
+                    key.kid,
+                    GRACE_SECONDS,
+                )
+        scope[BODY_KEY] = body
+        scope[TENANT_KEY] = tid
+        scope[CALLER_KEY] = Caller(self, tid, cache.functions.get(tid), getattr(claims, "otp", None) or None)
+        await app(scope, receive, signed_send)  # 9 happens in the dispatcher, 11 in signed_send
+
+    async def _unauthorized(
+        self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str
+    ) -> None:
+        self.throttle.fail("addr", address, now)
+        if tid is not None:
+            self.throttle.fail("tid", tid, now)
+        self._log(request_id, f"{reason} (tenant {tid or '-'}, address {address})")
+        await _reply(send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
+
+    def _log(self, request_id: bytes, reason: str) -> None:
+        # Rate-limited: a flood of bad tokens must not become a flood of log lines.
+        second = int(self.clock())
+        logged = self._log_budget[1] + 1 if self._log_budget[0] == second else 1
+        self._log_budget = (second, logged)
+        if logged <= 10:
+            log.warning("request %s: 401: %s", request_id.decode(), reason)
+        elif logged == 11:
+            log.warning("more refused tokens this second; not logging them")
+
+    def _signing_send(self, send: _Send, key: CachedKey, request_jti: str) -> _Send:
+        start: dict[str, Any] = {}
+        chunks: list[bytes] = []
+
+        async def signed_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return None
+            body = b"".join(chunks)
+            status = start["status"]
+            headers = list(start.get("headers", ()))
+            content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+            rk = key.rk if 200 <= status < 300 and key.rk is not None else msgspec.UNSET
+            token = mint(
+                key.s2c,
+                int(self.clock()),
+                ResponseClaims(jti=new_jti(), rk=rk),
+                response_assertion(self.audience, request_jti, status, content_type, body),
+            )
+            headers.append((b"stt1-response", token.encode("ascii")))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        return signed_send
+
+
+def _read_headers(scope: _Scope) -> tuple[str, int | None]:
+    """Step 1: exactly one ``Authorization: STT1 <token>`` of at most 1024 characters."""
+    authorization = None
+    content_length = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if authorization is not None:
+                raise _Refused("more than one Authorization header")
+            authorization = value
+        elif name == b"content-length":
+            try:
+                content_length = int(value)
+            except ValueError:
+                raise _Refused("Content-Length is not a number") from None
+    if authorization is None:
+        raise _Refused("no Authorization header")
+    if len(authorization) > MAX_TOKEN_CHARS or not authorization.startswith(b"STT1 "):
+        raise _Refused("Authorization is not an STT1 token")
+    return authorization[5:].decode("latin-1"), content_length
+
+
+def _header(scope: _Scope, name: bytes) -> bytes:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return b""
+
+
+async def _read_body(receive: _Receive, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it grows past ``limit`` (never read further)."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Refused("client went away before sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _error(code: bytes, message: bytes) -> bytes:
+    return b'{"valid":false,"error":{"code":"' + code + b'","message":"' + message + b'"}}'
+
+
+async def _reply(
+    send: _Send, status: int, body: bytes, request_id: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", request_id),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+#### CLI helpers
+
+
+def sign_request(
+    credential: Credential,
+    method: str,
+    target: bytes,
+    content_type: bytes,
+    body: bytes,
+    now: float,
+    otp: str | None = None,
+) -> tuple[str, str]:
+    """A request token for one call (and its jti, to check the response against).
+
+    Signs with the rotated key when the credential holds one (PROTOCOL.md 5.3): the server
+    may already have promoted it, and the old kid keeps working through the grace period.
+    """
+    kid, k = (credential.next.kid, credential.next.k) if credential.next else (credential.kid, credential.k)
+    key = DirectionKey(b64decode(k), "c2s", credential.tid, kid)
+    jti = new_jti()
+    claims = RequestClaims(jti=jti, otp=otp) if otp is not None else RequestClaims(jti=jti)
+    token = mint(key, int(now), claims, request_assertion(credential.url, method, target, content_type, body))
+    return token, jti

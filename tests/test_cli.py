@@ -18,7 +18,7 @@ from conftest import FIXTURES, ROOT, free_port
 
 def start(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "gateway.py"), *args],
+        [sys.executable, str(ROOT / "gateway.py"), "--auth", "off", *args],
         cwd=cwd,
         text=True,
         stdout=subprocess.PIPE,

@@ -15,12 +15,23 @@ from openapi_spec_validator import validate
 import gateway
 
 
+class HeaderCaller:
+    """What the security middleware puts in the scope, minus the cryptography."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+    def may_call(self, name: str) -> bool:
+        return True
+
+
 def tenant_from_header(app: gateway.ASGIApp) -> gateway.ASGIApp:
-    """Stands in for the security middleware: it only fills the tenant seam in the scope."""
+    """Stands in for the security middleware: it only fills the caller seam in the scope."""
 
     async def middleware(scope, receive, send):  # type: ignore[no-untyped-def]
         for key, value in scope["headers"]:
             if key == b"x-test-tenant":
+                scope[gateway.CALLER_KEY] = HeaderCaller(value.decode())
                 scope[gateway.TENANT_KEY] = value.decode()
         await app(scope, receive, send)
 
@@ -29,7 +40,7 @@ def tenant_from_header(app: gateway.ASGIApp) -> gateway.ASGIApp:
 
 @pytest.fixture
 def gw(serve):  # type: ignore[no-untyped-def]
-    return serve(gateway.create_app(FIXTURES / "e2e", security=tenant_from_header, max_body=1000))
+    return serve(gateway.create_app(FIXTURES / "e2e", security=tenant_from_header, max_body=1000, auth="off"))
 
 
 def error_of(response: httpx.Response) -> tuple[int, str]:
@@ -214,14 +225,14 @@ def test_504_timeout_and_the_server_stays_responsive(gw, name: str) -> None:  # 
 
 
 def test_global_timeout_applies_when_the_entry_sets_none(serve) -> None:  # type: ignore[no-untyped-def]
-    gw = serve(gateway.create_app(FIXTURES / "e2e", timeout=0.2))
+    gw = serve(gateway.create_app(FIXTURES / "e2e", timeout=0.2, auth="off"))
     fn = gw.app.catalog.functions["wait_for_gate"]
     assert fn.timeout is None
     assert error_of(gw.post("/rest/wait_for_gate")) == (504, "timeout")
 
 
 def test_503_when_the_concurrency_limit_is_reached(serve) -> None:  # type: ignore[no-untyped-def]
-    gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1))
+    gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1, auth="off"))
     gate = gw.app.catalog.functions["wait_for_gate"].func.__globals__["GATE"]
     gate.clear()
     first: list[httpx.Response] = []
@@ -240,7 +251,7 @@ def test_503_when_the_concurrency_limit_is_reached(serve) -> None:  # type: igno
 
 
 def test_a_hung_thread_keeps_its_slot_until_it_returns(serve) -> None:  # type: ignore[no-untyped-def]
-    gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1))
+    gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1, auth="off"))
     assert error_of(gw.post("/rest/sync_nap", {"seconds": 0.6})) == (504, "timeout")
     assert error_of(gw.post("/rest/add", {"a": 1, "b": 2})) == (503, "overloaded")
     time.sleep(0.5)  # the thread ends on its own; only then is the slot free again
@@ -270,7 +281,7 @@ def test_catalog_lists_only_what_the_tenant_may_call(gw) -> None:  # type: ignor
 
 
 def test_healthz_reports_functions_and_refused_modules(serve) -> None:  # type: ignore[no-untyped-def]
-    gw = serve(gateway.create_app(FIXTURES / "discovery"))
+    gw = serve(gateway.create_app(FIXTURES / "discovery", auth="off"))
     body = gw.client.get("/healthz").json()
     assert body["status"] == "ok" and body["functions"] == 5
     assert {
@@ -282,7 +293,7 @@ def test_healthz_reports_functions_and_refused_modules(serve) -> None:  # type: 
 
 @pytest.mark.parametrize("folder", [FIXTURES / "e2e", ROOT / "modules"])
 def test_openapi_is_valid_and_has_one_operation_per_function(serve, folder) -> None:  # type: ignore[no-untyped-def]
-    gw = serve(gateway.create_app(folder))
+    gw = serve(gateway.create_app(folder, auth="off"))
     document = gw.client.get("/openapi.json").json()
     validate(document)
     operations = {op["operationId"] for path in document["paths"].values() for op in path.values()}
@@ -292,7 +303,7 @@ def test_openapi_is_valid_and_has_one_operation_per_function(serve, folder) -> N
 
 
 def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: ignore[no-untyped-def]
-    gw = serve(gateway.create_app(ROOT / "modules"))
+    gw = serve(gateway.create_app(ROOT / "modules", auth="off"))
     assert gw.post("/rest/add", {"a": 1, "b": 2}).json() == {"results": 3.0, "valid": True}
     assert gw.post("/rest/power/3").json()["results"] == 9.0
     assert gw.post("/rest/slugify/Hello%20World").json()["results"] == "hello-world"
