@@ -60,7 +60,7 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 def test_serves_the_folder_and_logs_one_access_line_per_request(processes) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     processes.append(process := start("--port", str(port), "--modules", str(FIXTURES / "e2e")))
-    assert wait_healthy(f"http://127.0.0.1:{port}", process)["functions"] == 12
+    assert wait_healthy(f"http://127.0.0.1:{port}", process)["functions"] == 13
     response = httpx.post(f"http://127.0.0.1:{port}/rest/add/2", json={"b": 3})
     assert response.json() == {"results": 5, "valid": True}
     output = stop(process)

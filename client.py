@@ -1,0 +1,683 @@
+"""The Python client of the gateway: STT1-signed calls, verified answers, in-band rotation.
+
+One flat module in banner sections: errors, the client (prepare, send, verify, rotate), the
+asyncio wrapper, the command line. The protocol is ``PROTOCOL.md``; this module is its client
+part (sections 2, 4 and 5), built on the public API of ``security.py``: no crypto here.
+
+    with Client("acme.cred") as gw:
+        gw.call("power", 3)                      # POST /rest/power/3
+        gw.call("add", a=1, b=2)                 # POST /rest/add/ with {"a": 1, "b": 2}
+        gw.request("reserve", {"sku": "A-1"}, otp="123456")
+
+Every answer is checked before its body is used: a response that is not signed by the gateway
+for exactly this request is a failed call (``ResponseForged``), whatever it says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import logging
+import os
+import re
+import secrets
+import ssl
+import stat
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from security import (
+    Credential,
+    DirectionKey,
+    InvalidToken,
+    RequestClaims,
+    ResponseClaims,
+    RotatedKey,
+    b64decode,
+    mint,
+    new_jti,
+    open_token,
+    parse,
+    read_credential,
+    request_assertion,
+    response_assertion,
+    write_credential,
+)
+
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "BadResponse",
+    "Client",
+    "GatewayError",
+    "InvalidArguments",
+    "MethodNotAllowed",
+    "NotFound",
+    "Overloaded",
+    "RateLimited",
+    "ResponseForged",
+    "ServerError",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "Unreachable",
+    "UnsupportedMediaType",
+    "main",
+]
+
+log = logging.getLogger("gateway.client")
+
+
+#### Errors
+
+
+class GatewayError(Exception):
+    """Any failed call: the HTTP status (0 when there was none), a short code and a message.
+
+    For a signed error the code and message are the gateway's own. For everything else they
+    are fixed texts of this module: an unverified body is never quoted, and no message ever
+    holds a key or a token.
+    """
+
+    # The X-Request-Id this client sent with the call, to find the server's log line.
+    request_id: str | None = None
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(status, code, message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.status!r}, {self.code!r}, {self.message!r})"
+
+    def __reduce__(self) -> tuple[type[GatewayError], tuple[int, str, str]]:
+        # OSError (a base of Unreachable) keeps only two of the three args: rebuild from ours.
+        return type(self), (self.status, self.code, self.message)
+
+
+class BadRequest(GatewayError):
+    """400: the body is not a JSON object (signed)."""
+
+
+class Unauthorized(GatewayError):
+    """401: the gateway refused the token. Usually unsigned: then it means nothing but "retry"."""
+
+
+class NotFound(GatewayError):
+    """404: no such function, or not one this tenant may call (signed)."""
+
+
+class MethodNotAllowed(GatewayError):
+    """405 (signed)."""
+
+
+class TooLarge(GatewayError):
+    """413: the request body is over the gateway's limit (unsigned: refused before verifying)."""
+
+
+class UnsupportedMediaType(GatewayError):
+    """415 (signed)."""
+
+
+class InvalidArguments(GatewayError):
+    """422: the arguments did not bind or validate; the message names the field (signed)."""
+
+
+class RateLimited(GatewayError):
+    """429: throttled (usually unsigned: throttling happens before the token is read)."""
+
+
+class ServerError(GatewayError):
+    """500: the function raised or returned something JSON cannot carry (signed)."""
+
+
+class Overloaded(GatewayError):
+    """503: too many calls in progress, or the replay store is down (signed)."""
+
+
+class Timeout(GatewayError):
+    """504: the function ran past its timeout (signed)."""
+
+
+class ResponseForged(GatewayError):
+    """The answer is not signed by the gateway for this request: its body was not used.
+
+    Raised for a missing, malformed or failing ``STT1-Response`` token (wrong key, kid,
+    tenant, direction, request jti, status, content type or body), for any status other
+    than an unsigned 401/413/429, and for a rotated key on a non-2xx answer.
+    """
+
+
+class BadResponse(GatewayError):
+    """A verified answer whose body does not follow the gateway's JSON contract."""
+
+
+class Unreachable(GatewayError, ConnectionError):
+    """No HTTP answer: connection refused or dropped, TLS failure, or no answer in time."""
+
+
+_SIGNED_ERRORS: dict[int, type[GatewayError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: TooLarge,
+    415: UnsupportedMediaType,
+    422: InvalidArguments,
+    429: RateLimited,
+    500: ServerError,
+    503: Overloaded,
+    504: Timeout,
+}
+
+# Unsigned answers that are legitimate before the token is verified (PROTOCOL.md 3): a hint
+# to retry, never a fact. Their body is not read.
+_UNSIGNED_HINTS: dict[int, tuple[type[GatewayError], str, str]] = {
+    401: (Unauthorized, "unauthorized", "the gateway refused the token (unsigned answer)"),
+    413: (TooLarge, "too_large", "the request body is over the gateway's limit (unsigned answer)"),
+    429: (RateLimited, "rate_limited", "throttled by the gateway (unsigned answer)"),
+}
+
+
+#### Client
+
+_JSON = b"application/json"
+_OTP_RE = re.compile(r"[0-9]{6}")
+
+
+class _Ok(msgspec.Struct):
+    results: Any
+    valid: Literal[True]
+
+
+class _ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+
+
+class _Error(msgspec.Struct):
+    valid: Literal[False]
+    error: _ErrorDetail
+
+
+_DECODE_OK = msgspec.json.Decoder(_Ok).decode
+_DECODE_ERROR = msgspec.json.Decoder(_Error).decode
+_ENCODE = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """One signed request, exactly as it goes on the wire, and what its answer must match."""
+
+    method: str
+    target: str  # ASCII: path plus ?query, byte for byte as on the request line
+    body: bytes
+    headers: dict[str, str] = field(repr=False)  # holds the token
+    jti: str  # the answer must be bound to it
+    kid: str  # the answer must be signed under it
+    request_id: str
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a credential's url, which must be a bare origin.
+
+    The url is the AUD every token is bound to, so it is used as written; anything but
+    ``scheme://host[:port]`` would make the client and the gateway disagree about it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
+        raise ValueError(f"the credential url must be an origin like https://api.example.com, not {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"the credential url has a bad port: {url!r}") from None
+    return parts.scheme, parts.hostname, port
+
+
+def _rest_target(func: str, var1: Any) -> str:
+    """``/rest/<func>/`` or ``/rest/<func>/<var1>``, percent-encoded, ASCII only."""
+    if not isinstance(func, str) or not func.isidentifier():
+        raise ValueError(f"a function name is a Python identifier, not {func!r}")
+    target = f"/rest/{urllib.parse.quote(func, safe='')}/"
+    if var1 is None:
+        return target
+    text = str(var1)
+    # The gateway drops an empty last segment and intermediaries may collapse dot segments:
+    # the call would silently change meaning, so refuse it here.
+    if text in ("", ".", ".."):
+        raise ValueError(f"var1 cannot be {text!r} in a URL; pass it by name in args")
+    return target + urllib.parse.quote(text, safe="")
+
+
+class Client:
+    """A gateway client for one credential file: one keep-alive connection, calls in series.
+
+    Thread-safe: a lock serializes calls, because they share the connection and the rotation
+    state (the key that signs, the learned clock offset). For parallel calls use several
+    Clients, but not on the same credential file: each rewrites it during a rotation.
+    """
+
+    def __init__(
+        self,
+        cred_path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 10.0,
+    ) -> None:
+        self._path = os.fspath(cred_path)
+        cred = read_credential(self._path)
+        _warn_if_readable(self._path)
+        self._scheme, self._host, self._port = _origin(cred.url)
+        self._cred: Credential = cred
+        self._clock = clock
+        self._timeout = timeout
+        # Learned only from the iat of verified responses (PROTOCOL.md 4).
+        self._offset = 0.0
+        self._keys: dict[str, tuple[DirectionKey, DirectionKey]] = {}
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        return f"Client(url={self._cred.url!r}, tid={self._cred.tid!r}, kid={self._signing()[0]!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; a later call opens a new one."""
+        with self._lock:
+            self._drop()
+
+    # -- public calls ----------------------------------------------------------------------
+
+    def call(self, func: str, var1: Any = None, /, **kwargs: Any) -> Any:
+        """Call ``func`` with keyword arguments (and the URL's var1); return its results."""
+        return self.request(func, kwargs, var1=var1)
+
+    def request(
+        self,
+        func: str,
+        args: dict[str, Any] | None = None,
+        *,
+        var1: Any = None,
+        otp: str | None = None,
+    ) -> Any:
+        """The general form of ``call``: arguments as a dict, and an authenticator code.
+
+        ``otp`` is the 6-digit code for a function flagged ``otp`` (PROTOCOL.md 6); it travels
+        inside the encrypted token, never in the body. Raises a ``GatewayError`` subclass.
+        """
+        with self._lock:
+            return self._roundtrip(self._prepare_call(func, args, var1=var1, otp=otp))
+
+    def catalog(self) -> dict[str, Any]:
+        """The functions this tenant may call: doc, var1 and argument schema of each."""
+        with self._lock:
+            results = self._roundtrip(self._prepare("GET", "/rest/", b""))
+        if not isinstance(results, dict):
+            raise BadResponse(200, "bad_response", "the catalog is not a JSON object")
+        return results
+
+    # -- signing ---------------------------------------------------------------------------
+
+    def _signing(self) -> tuple[str, str]:
+        """(kid, k) that signs: a stored ``next`` as soon as it is durable (PROTOCOL.md 5.3).
+
+        At start-up too: the gateway may already have promoted it, and signing with it is
+        what promotes it otherwise.
+        """
+        nxt = self._cred.next
+        if isinstance(nxt, RotatedKey):
+            return nxt.kid, nxt.k
+        return self._cred.kid, self._cred.k
+
+    def _direction_keys(self, kid: str, k: str) -> tuple[DirectionKey, DirectionKey]:
+        """(c2s, s2c) for a kid, built once: two HKDFs, and their step keys cached inside."""
+        keys = self._keys.get(kid)
+        if keys is None:
+            secret = b64decode(k)
+            tid = self._cred.tid
+            keys = self._keys[kid] = (DirectionKey(secret, "c2s", tid, kid), DirectionKey(secret, "s2c", tid, kid))
+        return keys
+
+    def _prepare_call(
+        self, func: str, args: dict[str, Any] | None, *, var1: Any = None, otp: str | None = None
+    ) -> _Prepared:
+        """The signed ``POST /rest/<func>/[<var1>]`` with the arguments as a JSON object."""
+        if args is None:
+            args = {}
+        if not isinstance(args, dict) or not all(isinstance(name, str) for name in args):
+            raise TypeError("args must be a dict with str keys")
+        return self._prepare("POST", _rest_target(func, var1), _ENCODE(args), otp=otp)
+
+    def _prepare(self, method: str, target: str, body: bytes, *, otp: str | None = None) -> _Prepared:
+        """Sign one request: a fresh jti, bound to the audience, method, target, type and body."""
+        if otp is not None and (not isinstance(otp, str) or not _OTP_RE.fullmatch(otp)):
+            raise ValueError("otp must be the 6 digits of the authenticator code")
+        kid, k = self._signing()
+        c2s, _ = self._direction_keys(kid, k)
+        content_type = _JSON if method == "POST" else b""
+        jti = new_jti()
+        claims = RequestClaims(jti=jti) if otp is None else RequestClaims(jti=jti, otp=otp)
+        # The token covers the exact bytes sent: target as on the request line, the header
+        # value as sent (b"" when there is none) and the body.
+        implicit = request_assertion(self._cred.url, method, target.encode("ascii"), content_type, body)
+        token = mint(c2s, int(self._clock() + self._offset), claims, implicit)
+        request_id = secrets.token_hex(8)
+        headers = {"Authorization": f"STT1 {token}", "Accept": "application/json", "X-Request-Id": request_id}
+        if content_type:
+            headers["Content-Type"] = content_type.decode("ascii")
+        return _Prepared(method, target, body, headers, jti, kid, request_id)
+
+    # -- verifying -------------------------------------------------------------------------
+
+    def _verify(self, prepared: _Prepared, status: int, headers: Iterable[tuple[str, str]], body: bytes) -> Any:
+        """Check an answer to ``prepared`` (PROTOCOL.md 4); return its results or raise.
+
+        ``headers`` are (name, value) pairs as http.client gives them (values latin-1 text,
+        i.e. the raw bytes). Nothing of the answer is used before its token verifies: not
+        the body, not the iat, not a rotated key.
+        """
+        received_at = self._clock()
+        tokens: list[str] = []
+        content_types: list[str] = []
+        for name, value in headers:
+            lowered = name.lower()
+            if lowered == "stt1-response":
+                tokens.append(value)
+            elif lowered == "content-type":
+                content_types.append(value)
+        if not tokens and status in _UNSIGNED_HINTS:
+            cls, code, message = _UNSIGNED_HINTS[status]
+            raise cls(status, code, message)
+        forged = ResponseForged(status, "response_forged", "the answer is not signed by the gateway; body not used")
+        # Steps 1, 2, 6 and 7 of the server's checks, with dir s2c, our tid, the kid that
+        # signed the request and REQUEST_JTI = the jti we sent. Two headers, or two content
+        # types, leave it unclear which bytes were signed: refused.
+        if len(tokens) != 1 or len(content_types) > 1:
+            raise forged
+        content_type = content_types[0].encode("latin-1") if content_types else b""
+        try:
+            _, s2c = self._direction_keys(*self._key_for(prepared.kid))
+            implicit = response_assertion(self._cred.url, prepared.jti, status, content_type, body)
+            opened = open_token(s2c, parse(tokens[0]), implicit)
+        except (InvalidToken, ValueError, KeyError):
+            raise forged from None
+        claims = opened.claims
+        ok = 200 <= status < 300
+        if not isinstance(claims, ResponseClaims):
+            raise forged
+        # A rotated key only ever comes with a 2xx (PROTOCOL.md 5.5): a signed error that
+        # carries one is not something this gateway sends; use nothing of it.
+        if isinstance(claims.rk, RotatedKey) and not ok:
+            raise forged
+
+        # Verified from here on.
+        self._offset = opened.footer.iat - received_at
+        self._promote(prepared.kid)
+        if isinstance(claims.rk, RotatedKey):
+            self._store_next(claims.rk)
+        return _results(status, body)
+
+    def _key_for(self, kid: str) -> tuple[str, str]:
+        """The secret for a kid we signed with: the current key or the stored next one."""
+        nxt = self._cred.next
+        if isinstance(nxt, RotatedKey) and nxt.kid == kid:
+            return nxt.kid, nxt.k
+        if self._cred.kid == kid:
+            return self._cred.kid, self._cred.k
+        raise KeyError(kid)  # e.g. promoted in between: the answer cannot be checked
+
+    # -- rotation (PROTOCOL.md 5) ----------------------------------------------------------
+
+    def _store_next(self, rk: RotatedKey) -> None:
+        """Keep a rotated key: durably first, and only then sign with it."""
+        current = self._cred.next
+        if isinstance(current, RotatedKey) or rk.kid == self._cred.kid:
+            # The same rk again is already stored. A different one while one is pending
+            # cannot happen with calls in series; the first stays (a key we may already have
+            # signed with must not be lost).
+            return
+        updated = msgspec.structs.replace(self._cred, next=rk)
+        try:
+            write_credential(self._path, updated)
+        except OSError as exc:
+            # Not durable, so not used: the gateway keeps offering it on every 2xx.
+            log.warning("could not store the rotated key in %s (%s); will retry", self._path, exc.strerror)
+            return
+        self._cred = updated
+
+    def _promote(self, kid: str) -> None:
+        """A verified answer under the next kid: it is now the key; drop the old one."""
+        nxt = self._cred.next
+        if not isinstance(nxt, RotatedKey) or nxt.kid != kid:
+            return
+        promoted = msgspec.structs.replace(self._cred, kid=nxt.kid, k=nxt.k, next=msgspec.UNSET)
+        try:
+            write_credential(self._path, promoted)
+        except OSError as exc:
+            # Harmless: we already sign with next, and a restart reads next and signs with it.
+            log.warning("could not store the promoted key in %s (%s); will retry", self._path, exc.strerror)
+            return
+        old = self._cred.kid
+        self._cred = promoted
+        self._keys.pop(old, None)
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _connect(self) -> http.client.HTTPConnection:
+        if self._scheme == "https":
+            return http.client.HTTPSConnection(
+                self._host, self._port, timeout=self._timeout, context=ssl.create_default_context()
+            )
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _roundtrip(self, prepared: _Prepared) -> Any:
+        try:
+            status, headers, body = self._exchange(prepared)
+            return self._verify(prepared, status, headers, body)
+        except GatewayError as exc:
+            exc.request_id = prepared.request_id
+            raise
+
+    def _exchange(self, prepared: _Prepared) -> tuple[int, list[tuple[str, str]], bytes]:
+        """Send exactly the prepared bytes; read the whole answer.
+
+        http.client puts ``target`` on the request line as given (httpx and requests may
+        re-encode a path, which would break the signature). A keep-alive connection the
+        server closed while idle is retried once, on a new connection, with the SAME token:
+        if the first attempt did reach the gateway, its replay check refuses the second, so a
+        call never runs twice.
+        """
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = self._connect()
+            conn = self._conn
+            try:
+                conn.request(prepared.method, prepared.target, body=prepared.body or None, headers=prepared.headers)
+                response = conn.getresponse()
+                body = response.read()
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
+                # RemoteDisconnected is a ConnectionResetError: the usual stale keep-alive.
+                self._drop()
+                if reused and attempt == 1:
+                    continue
+                raise self._unreachable(exc) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self._drop()
+                raise self._unreachable(exc) from exc
+            except BaseException:
+                self._drop()  # e.g. KeyboardInterrupt mid-request: the connection state is unknown
+                raise
+            if response.will_close:
+                self._drop()
+            return response.status, response.getheaders(), body
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unreachable(self, exc: BaseException) -> Unreachable:
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self._timeout:g} s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return Unreachable(0, "unreachable", f"{self._cred.url}: {reason}")
+
+
+def _results(status: int, body: bytes) -> Any:
+    """The results of a verified answer, or the gateway's error as an exception."""
+    if 200 <= status < 300:
+        try:
+            return _DECODE_OK(body).results
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            raise BadResponse(status, "bad_response", "a success without `results`") from None
+    try:
+        detail = _DECODE_ERROR(body).error
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        raise BadResponse(status, "bad_response", "an error without a JSON error body") from None
+    raise _SIGNED_ERRORS.get(status, GatewayError)(status, detail.code, detail.message)
+
+
+def _warn_if_readable(path: str) -> None:
+    # The file holds K in the clear: PROTOCOL.md 1 says 0600. Warn, as ssh does, but go on.
+    if os.name == "posix" and stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+        log.warning("%s is readable by other users; it holds a secret (chmod 600)", path)
+
+
+#### Asyncio
+
+# AsyncClient runs Client in a worker thread instead of re-implementing it on an async HTTP
+# library: the security-critical logic (signing, verifying, rotation) exists once, and
+# http.client gives exact control of the request line, which the signature covers.
+
+
+class AsyncClient:
+    """``Client`` for asyncio: the same methods, as coroutines.
+
+    Calls still run one at a time per client (they share a connection and rotation state).
+    A cancelled call's thread finishes its request in the background.
+    """
+
+    def __init__(
+        self,
+        cred_path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        timeout: float = 10.0,
+    ) -> None:
+        self._client = Client(cred_path, clock=clock, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"Async{self._client!r}"
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def call(self, func: str, var1: Any = None, /, **kwargs: Any) -> Any:
+        """See ``Client.call``."""
+        return await asyncio.to_thread(self._client.request, func, kwargs, var1=var1)
+
+    async def request(
+        self,
+        func: str,
+        args: dict[str, Any] | None = None,
+        *,
+        var1: Any = None,
+        otp: str | None = None,
+    ) -> Any:
+        """See ``Client.request``."""
+        return await asyncio.to_thread(self._client.request, func, args, var1=var1, otp=otp)
+
+    async def catalog(self) -> dict[str, Any]:
+        """See ``Client.catalog``."""
+        return await asyncio.to_thread(self._client.catalog)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+
+#### Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="Call a gateway function with an STT1 credential and print its results as JSON.",
+    )
+    parser.add_argument("--cred", required=True, metavar="FILE", help="the credential file (JSON, mode 0600)")
+    parser.add_argument("func", nargs="?", metavar="FUNC", help="the function to call")
+    parser.add_argument("var1", nargs="?", metavar="VAR1", help="the URL's var1 (the first parameter)")
+    parser.add_argument("--json", metavar="OBJECT", help="the keyword arguments as a JSON object")
+    parser.add_argument("--otp", metavar="CODE", help="the authenticator code, for functions that need one")
+    parser.add_argument("--catalog", action="store_true", help="print the functions this credential may call")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0 with the results on stdout, 1 on a gateway error, 2 on a usage or file error."""
+    parser = _parser()
+    opts = parser.parse_args(argv)
+    if opts.catalog == (opts.func is not None):
+        parser.error("give either FUNC or --catalog")
+    if opts.catalog and (opts.var1 is not None or opts.otp is not None or opts.json is not None):
+        parser.error("--catalog takes no VAR1, --json or --otp")
+    try:
+        args = msgspec.json.decode(opts.json or "{}")
+    except msgspec.DecodeError as exc:
+        parser.error(f"--json: {exc}")
+    if not isinstance(args, dict):
+        parser.error("--json must be a JSON object")
+    try:
+        client = Client(opts.cred, timeout=opts.timeout)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with client:
+            if opts.catalog:
+                results = client.catalog()
+            else:
+                results = client.request(opts.func, args, var1=opts.var1, otp=opts.otp)
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a bad FUNC, VAR1 or --otp, found before anything was sent
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.buffer.write(_ENCODE(results) + b"\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""The Python client (PROTOCOL.md sections 2, 4 and 5), checked against security.py's server side.
+
+Real crypto throughout: the client's requests are opened with the c2s key and the request
+assertion as the gateway does; its answers are minted with the s2c key. Time is a fake
+clock. The last part runs the transport against a loopback stand-in for the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import client as c
+import security as s
+
+ROOT = Path(__file__).resolve().parent.parent
+
+K = bytes(range(32))
+K_NEXT = bytes(range(100, 132))
+TID = "acme"
+KID = s.b64encode(bytes(range(16, 32)))
+KID_NEXT = s.b64encode(bytes(range(200, 216)))
+AUD = "http://127.0.0.1:8000"
+NOW = 1_760_000_000.0
+RK = s.RotatedKey(kid=KID_NEXT, k=s.b64encode(K_NEXT))
+SECRETS = (s.b64encode(K), K.hex(), s.b64encode(K_NEXT), K_NEXT.hex())
+
+# The results of a response that must never reach the caller unless it verifies.
+SECRET_RESULT = "result-that-must-not-be-used"
+OK_BODY = msgspec.json.encode({"results": {"value": SECRET_RESULT}, "valid": True})
+JSON = b"application/json"
+
+
+class FakeClock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_cred(path: Path, *, url: str = AUD, rk: s.RotatedKey | None = None) -> Path:
+    cred = s.Credential(stt=1, url=url, tid=TID, kid=KID, k=s.b64encode(K))
+    if rk is not None:
+        cred = msgspec.structs.replace(cred, next=rk)
+    s.write_credential(path, cred)
+    return path
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def cred_path(tmp_path: Path) -> Path:
+    return write_cred(tmp_path / "acme.cred")
+
+
+@pytest.fixture
+def client(cred_path: Path, clock: FakeClock) -> Iterator[c.Client]:
+    with c.Client(cred_path, clock=clock) as cl:
+        yield cl
+
+
+# -- the gateway's side, from security.py -----------------------------------------------------
+
+
+def server_open(prepared: Any, k: bytes = K, kid: str = KID, aud: str = AUD) -> s.Opened:
+    """Verify a prepared request exactly as the gateway would (PROTOCOL.md 3, steps 1-7)."""
+    scheme, token = prepared.headers["Authorization"].split(" ", 1)
+    assert scheme == "STT1"
+    content_type = prepared.headers.get("Content-Type", "").encode("latin-1")
+    implicit = s.request_assertion(aud, prepared.method, prepared.target.encode("ascii"), content_type, prepared.body)
+    return s.open_token(s.DirectionKey(k, "c2s", TID, kid), token, implicit)
+
+
+def sign(
+    prepared: Any,
+    status: int = 200,
+    body: bytes = OK_BODY,
+    content_type: bytes = JSON,
+    *,
+    key: s.DirectionKey | None = None,
+    request_jti: str | None = None,
+    iat: int = int(NOW),
+    rk: s.RotatedKey | None = None,
+) -> str:
+    """The STT1-Response token the gateway would send for this answer."""
+    key = key or s.DirectionKey(K, "s2c", TID, KID)
+    implicit = s.response_assertion(AUD, request_jti or prepared.jti, status, content_type, body)
+    claims = s.ResponseClaims(jti=s.new_jti()) if rk is None else s.ResponseClaims(jti=s.new_jti(), rk=rk)
+    return s.mint(key, iat, claims, implicit)
+
+
+def answer(prepared: Any, status: int = 200, body: bytes = OK_BODY, **signing: Any) -> tuple[int, list, bytes]:
+    """A correctly signed answer: (status, headers, body) as ``_verify`` takes them."""
+    token = sign(prepared, status, body, **signing)
+    return status, [("Content-Type", "application/json"), ("STT1-Response", token)], body
+
+
+def error_body(code: str, message: str) -> bytes:
+    return msgspec.json.encode({"valid": False, "error": {"code": code, "message": message}})
+
+
+def footer_of(prepared: Any) -> s.Footer:
+    return s.parse(prepared.headers["Authorization"].split(" ", 1)[1]).footer
+
+
+def no_secrets(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+# -- the request ------------------------------------------------------------------------------
+
+
+def test_a_call_is_signed_for_exactly_what_is_sent(client: c.Client) -> None:
+    prepared = client._prepare_call("add", {"a": 1, "b": 2})
+    assert (prepared.method, prepared.target, prepared.body) == ("POST", "/rest/add/", b'{"a":1,"b":2}')
+    assert prepared.headers["Content-Type"] == "application/json"
+    opened = server_open(prepared)
+    assert opened.footer == s.Footer("c2s", TID, KID, int(NOW))
+    assert opened.claims == s.RequestClaims(jti=prepared.jti)
+
+
+def test_var1_is_percent_encoded_and_covered(client: c.Client) -> None:
+    prepared = client._prepare_call("slugify", None, var1="Hello World/ü?#%")
+    assert prepared.target == "/rest/slugify/Hello%20World%2F%C3%BC%3F%23%25"
+    assert prepared.body == b"{}"
+    server_open(prepared)
+    assert client._prepare_call("power", {}, var1=3).target == "/rest/power/3"
+
+
+def test_the_request_is_bound_to_target_body_type_method_and_audience(client: c.Client) -> None:
+    prepared = client._prepare_call("power", {}, var1=3)
+    token = prepared.headers["Authorization"].split(" ", 1)[1]
+    c2s = s.DirectionKey(K, "c2s", TID, KID)
+    for changed in (
+        ("POST", b"/rest/power/4", JSON, b"{}", AUD),
+        ("POST", b"/rest/power/3", JSON, b'{"x":1}', AUD),
+        ("POST", b"/rest/power/3", b"text/plain", b"{}", AUD),
+        ("GET", b"/rest/power/3", JSON, b"{}", AUD),
+        ("POST", b"/rest/power/3", JSON, b"{}", "http://127.0.0.1:8001"),
+    ):
+        method, target, ctype, body, aud = changed
+        with pytest.raises(s.InvalidToken):
+            s.open_token(c2s, token, s.request_assertion(aud, method, target, ctype, body))
+
+
+def test_catalog_request_has_no_body_and_no_content_type(client: c.Client) -> None:
+    prepared = client._prepare("GET", "/rest/", b"")
+    assert "Content-Type" not in prepared.headers
+    server_open(prepared)  # content type b"" and body b"" in the assertion
+
+
+def test_otp_travels_inside_the_token_only(client: c.Client) -> None:
+    prepared = client._prepare_call("reserve", {"sku": "A-1"}, otp="123456")
+    assert server_open(prepared).claims == s.RequestClaims(jti=prepared.jti, otp="123456")
+    assert b"123456" not in prepared.body
+    with pytest.raises(ValueError):
+        client._prepare_call("reserve", {}, otp="12345")
+
+
+def test_argument_names_like_the_methods_own_parameters_pass_through(client: c.Client) -> None:
+    prepared = client._prepare_call("f", {"func": 1, "var1": 2, "otp": 3, "args": 4})
+    assert json.loads(prepared.body) == {"func": 1, "var1": 2, "otp": 3, "args": 4}
+
+
+def test_every_request_has_a_fresh_jti(client: c.Client) -> None:
+    jtis = {client._prepare_call("add", {}).jti for _ in range(20)}
+    assert len(jtis) == 20
+
+
+@pytest.mark.parametrize("func", ["", "../healthz", "a/b", "add?x=1", "add#", "a b", "1add"])
+def test_function_names_that_would_change_the_path_are_refused(client: c.Client, func: str) -> None:
+    with pytest.raises(ValueError):
+        client._prepare_call(func, {})
+
+
+@pytest.mark.parametrize("var1", ["", ".", ".."])
+def test_var1_that_a_url_cannot_carry_is_refused(client: c.Client, var1: str) -> None:
+    with pytest.raises(ValueError):
+        client._prepare_call("slugify", {}, var1=var1)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8000/", "https://api.example.com/base", "ftp://x", "http://u:p@x", "http://x?q"]
+)
+def test_a_credential_url_must_be_a_bare_origin(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "c.cred"
+    s.write_credential(path, s.Credential(stt=1, url=url, tid=TID, kid=KID, k=s.b64encode(K)))
+    with pytest.raises(ValueError, match="origin"):
+        c.Client(path)
+
+
+# -- the response -----------------------------------------------------------------------------
+
+
+def test_a_signed_answer_gives_its_results(client: c.Client) -> None:
+    prepared = client._prepare_call("add", {})
+    assert client._verify(prepared, *answer(prepared)) == {"value": SECRET_RESULT}
+
+
+def _forgeries() -> dict[str, Callable[[Any], tuple[int, list, bytes]]]:
+    def with_token(prepared: Any, token: str, status: int = 200, body: bytes = OK_BODY) -> tuple[int, list, bytes]:
+        return status, [("Content-Type", "application/json"), ("STT1-Response", token)], body
+
+    def c2s_token(p: Any) -> tuple[int, list, bytes]:
+        implicit = s.response_assertion(AUD, p.jti, 200, JSON, OK_BODY)
+        return with_token(p, s.mint(s.DirectionKey(K, "c2s", TID, KID), int(NOW), s.RequestClaims(jti=p.jti), implicit))
+
+    tampered = OK_BODY.replace(SECRET_RESULT.encode(), b"result-that-must-not-be-USED")
+    return {
+        "wrong request jti": lambda p: with_token(p, sign(p, request_jti=s.new_jti())),
+        "wrong status": lambda p: with_token(p, sign(p, 201)),
+        "tampered body": lambda p: with_token(p, sign(p), body=tampered),
+        "wrong content type": lambda p: (200, [("Content-Type", "text/plain"), ("STT1-Response", sign(p))], OK_BODY),
+        "content type dropped": lambda p: (200, [("STT1-Response", sign(p))], OK_BODY),
+        "two content types": lambda p: (
+            200,
+            [("Content-Type", "application/json"), ("Content-Type", "text/plain"), ("STT1-Response", sign(p))],
+            OK_BODY,
+        ),
+        "minted with the c2s key": c2s_token,
+        "another kid": lambda p: with_token(p, sign(p, key=s.DirectionKey(K, "s2c", TID, KID_NEXT))),
+        "another tenant": lambda p: with_token(p, sign(p, key=s.DirectionKey(K, "s2c", "evil", KID))),
+        "another secret": lambda p: with_token(p, sign(p, key=s.DirectionKey(K_NEXT, "s2c", TID, KID))),
+        "truncated token": lambda p: with_token(p, sign(p)[:-1]),
+        "garbage token": lambda p: with_token(p, "v3.local.AAAA.BBBB"),
+        "two tokens": lambda p: (
+            200,
+            [("Content-Type", "application/json"), ("STT1-Response", sign(p)), ("STT1-Response", sign(p))],
+            OK_BODY,
+        ),
+        "missing header": lambda p: (200, [("Content-Type", "application/json")], OK_BODY),
+        "unsigned 500": lambda p: (500, [("Content-Type", "application/json")], error_body("x", SECRET_RESULT)),
+        "401 with a bad token": lambda p: with_token(p, sign(p, 200), status=401),
+    }
+
+
+FORGERIES = _forgeries()
+
+
+@pytest.mark.parametrize("name", FORGERIES)
+def test_a_forged_answer_is_refused_and_its_body_unused(client: c.Client, name: str) -> None:
+    prepared = client._prepare_call("add", {})
+    with pytest.raises(c.ResponseForged) as info:
+        client._verify(prepared, *FORGERIES[name](prepared))
+    assert SECRET_RESULT not in str(info.value) and SECRET_RESULT not in repr(info.value)
+    assert info.value.code == "response_forged"
+
+
+@pytest.mark.parametrize(("status", "cls"), [(401, c.Unauthorized), (413, c.TooLarge), (429, c.RateLimited)])
+def test_unsigned_hints_raise_without_using_the_body(client: c.Client, status: int, cls: type) -> None:
+    prepared = client._prepare_call("add", {})
+    headers = [("Content-Type", "application/json"), ("WWW-Authenticate", "STT1")]
+    with pytest.raises(cls) as info:
+        client._verify(prepared, status, headers, error_body("planted", SECRET_RESULT))
+    assert type(info.value) is cls and info.value.status == status
+    assert "planted" not in str(info.value) and SECRET_RESULT not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "cls"),
+    [
+        (400, "bad_json", c.BadRequest),
+        (401, "unauthorized", c.Unauthorized),
+        (404, "not_found", c.NotFound),
+        (405, "method_not_allowed", c.MethodNotAllowed),
+        (413, "too_large", c.TooLarge),
+        (415, "unsupported_media_type", c.UnsupportedMediaType),
+        (422, "invalid_arguments", c.InvalidArguments),
+        (429, "rate_limited", c.RateLimited),
+        (500, "internal_error", c.ServerError),
+        (503, "overloaded", c.Overloaded),
+        (504, "timeout", c.Timeout),
+        (418, "teapot", c.GatewayError),
+    ],
+)
+def test_signed_errors_map_to_their_class(client: c.Client, status: int, code: str, cls: type) -> None:
+    prepared = client._prepare_call("add", {})
+    with pytest.raises(c.GatewayError) as info:
+        client._verify(prepared, *answer(prepared, status, error_body(code, "Expected `float` - at `$.b`")))
+    exc = info.value
+    assert type(exc) is cls
+    assert (exc.status, exc.code, exc.message) == (status, code, "Expected `float` - at `$.b`")
+    assert str(exc) == f"{status} {code}: Expected `float` - at `$.b`"
+
+
+@pytest.mark.parametrize(
+    ("status", "body"), [(200, b'{"valid": true}'), (200, b"not json"), (500, b"{}"), (404, OK_BODY)]
+)
+def test_a_verified_body_off_contract_is_a_bad_response(client: c.Client, status: int, body: bytes) -> None:
+    prepared = client._prepare_call("add", {})
+    with pytest.raises(c.BadResponse):
+        client._verify(prepared, *answer(prepared, status, body))
+
+
+def test_every_error_is_a_gateway_error() -> None:
+    for name in c.__all__:
+        obj = getattr(c, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, c.GatewayError)
+    assert issubclass(c.Unreachable, ConnectionError)
+
+
+# -- the clock offset -------------------------------------------------------------------------
+
+
+def test_the_offset_is_learned_from_a_verified_answer(client: c.Client, clock: FakeClock) -> None:
+    prepared = client._prepare_call("add", {})
+    clock.now = NOW + 0.5  # the answer arrives half a second later
+    client._verify(prepared, *answer(prepared, iat=int(NOW) + 100))
+    assert footer_of(client._prepare_call("add", {})).iat == int(NOW) + 100
+    clock.now += 7
+    assert footer_of(client._prepare_call("add", {})).iat == int(NOW) + 107
+
+
+def test_the_offset_is_learned_from_a_signed_error_too(client: c.Client) -> None:
+    prepared = client._prepare_call("add", {})
+    with pytest.raises(c.NotFound):
+        client._verify(prepared, *answer(prepared, 404, error_body("not_found", "no"), iat=int(NOW) - 60))
+    assert footer_of(client._prepare_call("add", {})).iat == int(NOW) - 60
+
+
+def test_nothing_unverified_moves_the_clock(client: c.Client) -> None:
+    far = int(NOW) + 10_000
+    for forge in (
+        lambda p: (
+            200,
+            [("Content-Type", "application/json"), ("STT1-Response", sign(p, request_jti=s.new_jti(), iat=far))],
+            OK_BODY,
+        ),
+        lambda p: (200, [("Content-Type", "application/json"), ("STT1-Response", sign(p, 201, iat=far))], OK_BODY),
+        lambda p: answer(p, 404, error_body("not_found", "no"), iat=far, rk=RK),  # rk on a 4xx
+        lambda p: (401, [("Date", "Thu, 01 Jan 2099 00:00:00 GMT")], b""),
+    ):
+        prepared = client._prepare_call("add", {})
+        with pytest.raises(c.GatewayError):
+            client._verify(prepared, *forge(prepared))
+        assert footer_of(client._prepare_call("add", {})).iat == int(NOW)
+
+
+# -- rotation ---------------------------------------------------------------------------------
+
+
+def test_a_rotated_key_is_stored_before_it_signs(client: c.Client, cred_path: Path) -> None:
+    prepared = client._prepare_call("add", {})
+    assert client._verify(prepared, *answer(prepared, rk=RK)) == {"value": SECRET_RESULT}
+    # Durable first: the file holds both keys, 0600, before anything is signed with the new one.
+    assert os.stat(cred_path).st_mode & 0o777 == 0o600
+    stored = s.read_credential(cred_path)
+    assert (stored.kid, stored.k, stored.next) == (KID, s.b64encode(K), RK)
+    following = client._prepare_call("add", {})
+    assert footer_of(following).kid == KID_NEXT
+    server_open(following, k=K_NEXT, kid=KID_NEXT)
+
+
+def test_the_same_rotated_key_again_changes_nothing(client: c.Client, cred_path: Path) -> None:
+    prepared = client._prepare_call("add", {})
+    client._verify(prepared, *answer(prepared, rk=RK))
+    before = cred_path.read_bytes()
+    # Only reachable with a request still in flight under the old kid.
+    client._verify(prepared, *answer(prepared, rk=RK))
+    assert cred_path.read_bytes() == before
+
+
+def test_a_rotated_key_on_an_error_is_forged(client: c.Client, cred_path: Path) -> None:
+    before = cred_path.read_bytes()
+    prepared = client._prepare_call("add", {})
+    with pytest.raises(c.ResponseForged):
+        client._verify(prepared, *answer(prepared, 422, error_body("invalid_arguments", "x"), rk=RK))
+    assert cred_path.read_bytes() == before
+    assert footer_of(client._prepare_call("add", {})).kid == KID
+
+
+def test_a_verified_answer_under_the_new_kid_promotes_it(client: c.Client, cred_path: Path) -> None:
+    prepared = client._prepare_call("add", {})
+    client._verify(prepared, *answer(prepared, rk=RK))
+    under_new = client._prepare_call("add", {})
+    s2c_next = s.DirectionKey(K_NEXT, "s2c", TID, KID_NEXT)
+    assert client._verify(under_new, *answer(under_new, key=s2c_next)) == {"value": SECRET_RESULT}
+    raw = json.loads(cred_path.read_bytes())
+    assert raw == {"stt": 1, "url": AUD, "tid": TID, "kid": KID_NEXT, "k": s.b64encode(K_NEXT)}
+    assert os.stat(cred_path).st_mode & 0o777 == 0o600
+    assert footer_of(client._prepare_call("add", {})).kid == KID_NEXT
+    assert KID not in client._keys  # the old key is gone from memory too
+
+
+def test_a_new_rotation_can_start_with_the_answer_that_promotes(client: c.Client, cred_path: Path) -> None:
+    prepared = client._prepare_call("add", {})
+    client._verify(prepared, *answer(prepared, rk=RK))
+    under_new = client._prepare_call("add", {})
+    third = s.RotatedKey(kid=s.b64encode(bytes(16)), k=s.b64encode(bytes(32)))
+    client._verify(under_new, *answer(under_new, key=s.DirectionKey(K_NEXT, "s2c", TID, KID_NEXT), rk=third))
+    stored = s.read_credential(cred_path)
+    assert (stored.kid, stored.next) == (KID_NEXT, third)  # promoted first, then the new key kept
+    assert footer_of(client._prepare_call("add", {})).kid == third.kid
+
+
+def test_an_answer_under_the_old_kid_to_a_new_kid_request_is_forged(client: c.Client) -> None:
+    prepared = client._prepare_call("add", {})
+    client._verify(prepared, *answer(prepared, rk=RK))
+    under_new = client._prepare_call("add", {})
+    with pytest.raises(c.ResponseForged):
+        client._verify(under_new, *answer(under_new))  # signed with the old s2c key
+
+
+def test_an_unsigned_401_under_the_new_kid_keeps_both_keys(client: c.Client, cred_path: Path) -> None:
+    prepared = client._prepare_call("add", {})
+    client._verify(prepared, *answer(prepared, rk=RK))
+    stored = cred_path.read_bytes()
+    under_new = client._prepare_call("add", {})
+    with pytest.raises(c.Unauthorized):
+        client._verify(under_new, 401, [("WWW-Authenticate", "STT1")], error_body("unauthorized", "no"))
+    assert cred_path.read_bytes() == stored
+    assert footer_of(client._prepare_call("add", {})).kid == KID_NEXT
+
+
+def test_a_pending_key_in_the_file_signs_from_start_up(tmp_path: Path, clock: FakeClock) -> None:
+    path = write_cred(tmp_path / "acme.cred", rk=RK)
+    with c.Client(path, clock=clock) as cl:
+        prepared = cl._prepare_call("add", {})
+        server_open(prepared, k=K_NEXT, kid=KID_NEXT)
+
+
+def test_a_rotated_key_that_cannot_be_stored_is_not_used(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    cl = c.Client(write_cred(folder / "acme.cred"), clock=clock)
+    shutil.rmtree(folder)
+    prepared = cl._prepare_call("add", {})
+    with caplog.at_level(logging.WARNING, logger="gateway.client"):
+        assert cl._verify(prepared, *answer(prepared, rk=RK)) == {"value": SECRET_RESULT}
+    assert "could not store the rotated key" in caplog.text
+    no_secrets(caplog.text)
+    assert footer_of(cl._prepare_call("add", {})).kid == KID
+
+
+# -- secrets ----------------------------------------------------------------------------------
+
+
+def test_nothing_secret_in_reprs_or_errors(client: c.Client, cred_path: Path) -> None:
+    prepared = client._prepare_call("add", {})
+    token = prepared.headers["Authorization"]
+    texts = [repr(client), repr(s.read_credential(cred_path)), repr(prepared), repr(RK)]
+    assert token not in repr(prepared)
+    for forge in FORGERIES.values():
+        try:
+            client._verify(prepared, *forge(prepared))
+        except c.GatewayError as exc:
+            texts += [str(exc), repr(exc)]
+    texts.append(repr(c.AsyncClient(cred_path)))
+    no_secrets(*texts)
+    assert all(token not in text for text in texts)
+
+
+# -- transport, against a loopback stand-in for the gateway ------------------------------------
+
+
+class FakeGateway:
+    """Just enough of the gateway's security layer, from security.py, to exercise the wire.
+
+    Verifies each request like the gateway (exact request line, content type and body, one
+    use per jti), answers with its method, target and body, signed; or misbehaves on demand.
+    """
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.handled: list[str] = []  # jti of every request that reached the "handler"
+        self.jtis: set[str] = set()
+        self.mode = "normal"  # or "close after answer", "close without answer", once
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                gateway.connections += 1
+                super().setup()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                gateway.handle(self)
+
+            do_GET = do_POST
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def handle(self, h: BaseHTTPRequestHandler) -> None:
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        content_type = (h.headers.get("Content-Type") or "").encode("latin-1")
+        auth = h.headers.get_all("Authorization") or []
+        try:
+            if len(auth) != 1 or not auth[0].startswith("STT1 "):
+                raise s.InvalidToken()
+            token = s.parse(auth[0][5:])
+            c2s = s.DirectionKey(K, "c2s", TID, token.footer.kid)
+            implicit = s.request_assertion(self.url, h.command, h.path.encode("latin-1"), content_type, body)
+            jti = s.open_token(c2s, token, implicit).claims.jti
+            if jti in self.jtis:  # the replay check
+                raise s.InvalidToken()
+        except (s.InvalidToken, ValueError):
+            self.send(h, 401, error_body("unauthorized", "no"), [("WWW-Authenticate", "STT1")])
+            return
+        self.jtis.add(jti)
+        self.handled.append(jti)
+        mode, self.mode = self.mode, "normal"
+        if mode == "close without answer":
+            h.close_connection = True
+            return
+        out = msgspec.json.encode(
+            {"results": {"method": h.command, "target": h.path, "body": body.decode()}, "valid": True}
+        )
+        s2c = s.DirectionKey(K, "s2c", TID, token.footer.kid)
+        implicit = s.response_assertion(self.url, jti, 200, JSON, out)
+        signed = s.mint(s2c, int(time.time()), s.ResponseClaims(jti=s.new_jti()), implicit)
+        self.send(h, 200, out, [("STT1-Response", signed)])
+        if mode == "close after answer":
+            h.close_connection = True  # without "Connection: close": a keep-alive that dies idle
+
+    @staticmethod
+    def send(h: BaseHTTPRequestHandler, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(body)))
+        for name, value in headers:
+            h.send_header(name, value)
+        h.end_headers()
+        h.wfile.write(body)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGateway]:
+    gateway = FakeGateway()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture
+def live(fake: FakeGateway, tmp_path: Path) -> Iterator[c.Client]:
+    with c.Client(write_cred(tmp_path / "acme.cred", url=fake.url), timeout=5) as cl:
+        yield cl
+
+
+def test_calls_go_out_byte_for_byte_on_one_connection(live: c.Client, fake: FakeGateway) -> None:
+    assert live.call("slugify", "Hello World/ü", lang="en") == {
+        "method": "POST",
+        "target": "/rest/slugify/Hello%20World%2F%C3%BC",
+        "body": '{"lang":"en"}',
+    }
+    assert live.catalog() == {"method": "GET", "target": "/rest/", "body": ""}
+    assert live.request("add", {"func": 1}) == {"method": "POST", "target": "/rest/add/", "body": '{"func":1}'}
+    assert fake.connections == 1
+
+
+def test_a_keep_alive_dropped_while_idle_is_reconnected_once(live: c.Client, fake: FakeGateway) -> None:
+    fake.mode = "close after answer"
+    live.call("add")
+    assert live.call("add")["target"] == "/rest/add/"
+    assert fake.connections == 2 and len(fake.handled) == 2
+
+
+def test_a_retry_reuses_the_token_so_a_call_never_runs_twice(live: c.Client, fake: FakeGateway) -> None:
+    live.call("add")  # so the next call goes out on a reused connection
+    fake.mode = "close without answer"
+    with pytest.raises(c.Unauthorized):  # the retry is refused as a replay
+        live.call("reserve")
+    assert len(fake.handled) == 2 and fake.connections == 2
+
+
+def test_nothing_listening_is_unreachable(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with c.Client(write_cred(tmp_path / "acme.cred", url=f"http://127.0.0.1:{port}")) as cl:
+        with pytest.raises(c.Unreachable) as info:
+            cl.call("add")
+    exc = info.value
+    assert isinstance(exc, ConnectionError) and (exc.status, exc.code) == (0, "unreachable")
+    assert exc.request_id is not None and len(exc.request_id) == 16  # the X-Request-Id it sent
+    assert repr(pickle.loads(pickle.dumps(exc))) == repr(exc)
+
+
+def test_async_client_runs_the_same_calls(fake: FakeGateway, tmp_path: Path) -> None:
+    async def run() -> list[Any]:
+        async with c.AsyncClient(write_cred(tmp_path / "acme.cred", url=fake.url), timeout=5) as gw:
+            return list(await asyncio.gather(gw.call("power", 3), gw.request("add", {"a": 1}), gw.catalog()))
+
+    power, add, catalog = asyncio.run(run())
+    assert power["target"] == "/rest/power/3" and add["body"] == '{"a":1}' and catalog["method"] == "GET"
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def test_cli_help_exits_0() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "client.py"), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--cred" in done.stdout
+
+
+def test_cli_prints_results_as_json(fake: FakeGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_cred(tmp_path / "acme.cred", url=fake.url)
+    assert c.main(["--cred", str(path), "power", "3", "--json", '{"x": 1}']) == 0
+    assert json.loads(capsys.readouterr().out) == {"method": "POST", "target": "/rest/power/3", "body": '{"x":1}'}
+    assert c.main(["--cred", str(path), "--catalog"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == "/rest/"
+
+
+def test_cli_reports_a_gateway_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = write_cred(tmp_path / "acme.cred", url=f"http://127.0.0.1:{port}")
+    assert c.main(["--cred", str(path), "add", "--json", '{"a": 1}']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 0 unreachable: ")
+    no_secrets(err)
+
+
+@pytest.mark.parametrize("argv", [[], ["add", "--catalog"], ["add", "--json", "[1]"], ["add", "--json", "{"]])
+def test_cli_usage_errors_exit_2(cred_path: Path, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        c.main(["--cred", str(cred_path), *argv])
+    assert info.value.code == 2

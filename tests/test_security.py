@@ -1,0 +1,734 @@
+"""STT1 on the wire (PROTOCOL.md 3 and 8), against a real uvicorn server on a loopback port.
+
+The server's clock is a parameter, so time windows are tested to the second without waiting.
+Every refusal also checks that the handler did not run and that the answer gives no hint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pyotp
+import pytest
+from conftest import FIXTURES
+
+import gateway
+import security as s
+
+AUD = "https://api.example.test"  # never derived from the Host header, which is 127.0.0.1:port here
+T0 = 1_800_000_000.0
+BODY = b'{"a": 1, "b": 2}'
+JSON = b"application/json"
+UNAUTHORIZED = b'{"valid":false,"error":{"code":"unauthorized","message":"missing, invalid or expired token"}}'
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Cred:
+    tid: str
+    kid: str
+    k: bytes
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    jti: str = ""
+
+    def header(self, name: str) -> str | None:
+        values = [v for k, v in self.headers if k.lower() == name]
+        return values[0] if values else None
+
+
+@dataclass
+class Stack:
+    """A gateway with STT1 on, its keystore, its clock, and two tenants."""
+
+    running: object
+    keystore: s.Keystore
+    security: s.Security
+    clock: Clock
+    acme: Cred
+    globex: Cred
+    calls: dict = field(default_factory=dict)
+
+    def send(self, method: str, target: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None) -> Answer:
+        conn = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=10)  # type: ignore[attr-defined]
+        try:
+            conn.putrequest(method, target, skip_accept_encoding=True)
+            for name, value in headers or []:
+                conn.putheader(name, value)
+            if body or method == "POST":
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            return Answer(response.status, response.getheaders(), response.read())
+        finally:
+            conn.close()
+
+    def call(
+        self,
+        cred: Cred | None = None,
+        *,
+        method: str = "POST",
+        target: str = "/rest/add",
+        body: bytes = BODY,
+        content_type: bytes = JSON,
+        **token_options: object,
+    ) -> Answer:
+        """A correctly signed request unless token_options say otherwise; checks nothing."""
+        cred = cred or self.acme
+        token, jti = mint_request(cred, method, target.encode(), content_type, body, int(self.clock()), **token_options)  # type: ignore[arg-type]
+        headers = [("Authorization", f"STT1 {token}")]
+        if content_type:
+            headers.append(("Content-Type", content_type.decode()))
+        answer = self.send(method, target, body, headers)
+        answer.jti = jti
+        return answer
+
+    def with_token(self, token: str, target: str = "/rest/add", body: bytes = BODY) -> Answer:
+        return self.send(
+            "POST", target, body, [("Authorization", f"STT1 {token}"), ("Content-Type", "application/json")]
+        )
+
+
+def mint_request(
+    cred: Cred,
+    method: str,
+    target: bytes,
+    content_type: bytes,
+    body: bytes,
+    iat: int,
+    *,
+    jti: str | None = None,
+    aud: str = AUD,
+    direction: str = "c2s",
+    otp: str | None = None,
+) -> tuple[str, str]:
+    jti = jti or s.new_jti()
+    key = s.DirectionKey(cred.k, direction, cred.tid, cred.kid)
+    implicit = s.request_assertion(aud, method, target, content_type, body)
+    if direction == "c2s":
+        claims = s.RequestClaims(jti=jti, otp=otp) if otp else s.RequestClaims(jti=jti)
+        return s.mint(key, iat, claims, implicit), jti
+    # A request signed with the s2c key but wearing a c2s footer: only the key is wrong.
+    step = s.step_key(s.direction_key(cred.k, "s2c", cred.tid, cred.kid), s.time_step(iat))
+    footer = s.build_footer("c2s", cred.tid, cred.kid, iat)
+    return s.encrypt(step, msgspec.json.encode({"jti": jti}), footer, implicit), jti
+
+
+def raw_token(cred: Cred, payload: bytes, iat: int, implicit: bytes, footer: bytes | None = None) -> str:
+    """A well-signed token around any payload: for payload strictness tests."""
+    step = s.step_key(s.direction_key(cred.k, "c2s", cred.tid, cred.kid), s.time_step(iat))
+    return s.encrypt(step, payload, footer or s.build_footer("c2s", cred.tid, cred.kid, iat), implicit)
+
+
+def response_claims(stack: Stack, answer: Answer, cred: Cred | None = None) -> s.ResponseClaims:
+    """Verify the server's token exactly as a client must (PROTOCOL.md 4)."""
+    cred = cred or stack.acme
+    token = answer.header("stt1-response")
+    assert token is not None, "the answer is not signed"
+    implicit = s.response_assertion(
+        AUD, answer.jti, answer.status, (answer.header("content-type") or "").encode(), answer.body
+    )
+    claims = s.open_token(s.DirectionKey(cred.k, "s2c", cred.tid, cred.kid), token, implicit).claims
+    assert isinstance(claims, s.ResponseClaims)
+    return claims
+
+
+def make_stack(
+    tmp_path: Path,
+    serve,
+    *,
+    replay: object | None = None,
+    clock: Clock | None = None,  # type: ignore[no-untyped-def]
+    keystore: s.Keystore | None = None,
+    throttle: s.Throttle | None = None,
+) -> Stack:
+    clock = clock or Clock(T0)
+    keystore = keystore or s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    globex = Cred("globex", *keystore.add_tenant("globex", functions=["add", "echo"]))
+    security = s.Security(
+        keystore,
+        replay if replay is not None else s.MemoryReplayStore(clock=clock),
+        AUD,
+        clock=clock,
+        boot_time=T0 - 100,
+        max_body=2000,
+        throttle=throttle or s.Throttle(per_address=10**9, per_tenant=10**9),
+    )
+    running = serve(gateway.create_app(FIXTURES / "e2e", security=security))
+    calls = running.app.catalog.functions["add"].func.__globals__["CALLS"]
+    return Stack(running, keystore, security, clock, acme, globex, calls)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, serve) -> Stack:  # type: ignore[no-untyped-def]
+    return make_stack(tmp_path, serve)
+
+
+def refused(stack: Stack, answer: Answer) -> None:
+    """The one 401: same body, a challenge, unsigned, and the handler never ran."""
+    assert answer.status == 401, answer.body
+    assert answer.body == UNAUTHORIZED
+    assert answer.header("www-authenticate") == "STT1"
+    assert answer.header("stt1-response") is None
+
+
+def replay_refused(stack: Stack, answer: Answer) -> None:
+    """A replay is caught at step 8, after the token verified: the same 401, but signed (3.11)."""
+    assert (answer.status, answer.body, answer.header("www-authenticate")) == (401, UNAUTHORIZED, "STT1")
+
+
+def not_run(stack: Stack, before: int) -> None:
+    assert stack.calls["add"] == before, "the handler ran for a refused request"
+
+
+# -- the happy path ------------------------------------------------------------------------
+
+
+def test_a_signed_call_is_answered_and_the_answer_is_signed(stack: Stack) -> None:
+    answer = stack.call()
+    assert (answer.status, json.loads(answer.body)) == (200, {"results": 3, "valid": True})
+    claims = response_claims(stack, answer)
+    assert claims.rk is msgspec.UNSET and len(claims.jti) == 22 and claims.jti != answer.jti
+
+
+def test_health_and_openapi_stay_open_but_the_catalog_needs_a_token(stack: Stack) -> None:
+    assert stack.send("GET", "/healthz").status == 200
+    assert stack.send("GET", "/openapi.json").status == 200
+    refused(stack, stack.send("GET", "/rest/"))
+    catalog = stack.call(method="GET", target="/rest/", body=b"", content_type=b"")
+    assert catalog.status == 200 and "acme_only" in json.loads(catalog.body)["results"]
+    response_claims(stack, catalog)
+
+
+# -- 3.1 and 3.2: the header and the token's shape -------------------------------------------
+
+
+def test_every_single_character_change_is_refused(stack: Stack) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    before = stack.calls["add"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
+    for i, char in enumerate(token):
+        changed = token[:i] + alphabet[(alphabet.index(char) + 1) % len(alphabet)] + token[i + 1 :]
+        refused(stack, stack.with_token(changed))
+    not_run(stack, before)
+    assert stack.with_token(token).status == 200  # the original was good all along
+
+
+def test_every_truncation_is_refused(stack: Stack) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    before = stack.calls["add"]
+    for length in range(len(token)):
+        refused(stack, stack.with_token(token[:length]))
+    not_run(stack, before)
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t + "=",  # padding
+        lambda t: "{}=.{}".format(*t.rsplit(".", 1)),  # padding at the end of the body
+        lambda t: t + ".e30",  # an extra part
+        lambda t: "v4" + t[2:],
+        lambda t: t.replace("v3.local.", "v3.public."),
+        lambda t: "V3" + t[2:],
+        lambda t: t + "A" * (1030 - len(t)),  # oversized
+        lambda t: t.rsplit(".", 1)[0],  # footer dropped
+    ],
+)
+def test_malformed_tokens_are_refused(stack: Stack, mangle) -> None:  # type: ignore[no-untyped-def]
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    before = stack.calls["add"]
+    refused(stack, stack.with_token(mangle(token)))
+    not_run(stack, before)
+
+
+def test_non_zero_trailing_bits_are_refused(stack: Stack) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    head, body, footer = token.rsplit(".", 2)
+    assert len(body) % 4 == 2  # the last character carries 4 unused bits, all zero
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = alphabet[alphabet.index(body[-1]) | 1]  # same decoded bytes, one unused bit set
+    assert s.b64decode(body)
+    with pytest.raises(ValueError):
+        s.b64decode(body[:-1] + twin)
+    refused(stack, stack.with_token(f"{head}.{body[:-1]}{twin}.{footer}"))
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [("Authorization", "Bearer {token}")],
+        [("Authorization", "STT2 {token}")],
+        [("Authorization", "stt1 {token}")],
+        [("Authorization", "STT1  {token}")],
+        [("Authorization", "STT1 {token}"), ("Authorization", "STT1 {token}")],
+    ],
+)
+def test_the_authorization_header_must_be_exactly_one_stt1(stack: Stack, headers) -> None:  # type: ignore[no-untyped-def]
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    before = stack.calls["add"]
+    sent = [(k, v.format(token=token)) for k, v in headers] + [("Content-Type", "application/json")]
+    refused(stack, stack.send("POST", "/rest/add", BODY, sent))
+    not_run(stack, before)
+
+
+@pytest.mark.parametrize("rewrite", ["tid", "kid", "iat"])
+def test_a_rewritten_footer_is_refused(stack: Stack, rewrite: str) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    head, body, _ = token.rsplit(".", 2)
+    footer = {
+        "tid": ("c2s", "globex", stack.acme.kid, int(T0)),
+        "kid": ("c2s", "acme", stack.globex.kid, int(T0)),
+        "iat": ("c2s", "acme", stack.acme.kid, int(T0) + 1),
+    }[rewrite]
+    refused(stack, stack.with_token(f"{head}.{body}.{s.b64encode(s.build_footer(*footer))}"))
+
+
+# -- keys and directions ----------------------------------------------------------------------
+
+
+def test_another_tenants_key_or_a_swapped_tid_is_refused(stack: Stack) -> None:
+    before = stack.calls["add"]
+    refused(stack, stack.call(Cred("acme", stack.acme.kid, stack.globex.k)))
+    refused(stack, stack.call(Cred("globex", stack.acme.kid, stack.acme.k)))
+    refused(stack, stack.call(Cred("acme", stack.globex.kid, stack.globex.k)))
+    not_run(stack, before)
+
+
+def test_a_request_minted_with_the_s2c_key_is_refused(stack: Stack) -> None:
+    refused(stack, stack.call(direction="s2c"))
+
+
+def test_a_server_token_sent_back_as_a_request_is_refused(stack: Stack) -> None:
+    answer = stack.call()
+    refused(stack, stack.with_token(answer.header("stt1-response")))  # type: ignore[arg-type]
+
+
+def test_a_request_token_offered_as_a_response_does_not_verify(stack: Stack) -> None:
+    token, jti = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    implicit = s.response_assertion(AUD, jti, 200, JSON, b'{"results":3,"valid":true}')
+    with pytest.raises(s.InvalidToken):
+        s.open_token(s.DirectionKey(stack.acme.k, "s2c", "acme", stack.acme.kid), token, implicit)
+
+
+# -- 3.3 time ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("skew", "accepted"), [(-46, False), (-45, True), (0, True), (45, True), (46, False)])
+def test_iat_window_is_45_seconds_either_way(tmp_path: Path, serve, skew: int, accepted: bool) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve)
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0) + skew)
+    answer = stack.with_token(token)
+    if accepted:
+        assert answer.status == 200
+    else:
+        refused(stack, answer)
+
+
+def test_with_the_memory_store_a_token_from_before_boot_is_refused(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    security = s.Security(keystore, s.MemoryReplayStore(clock=clock), AUD, clock=clock, boot_time=T0 - 0.5)
+    running = serve(gateway.create_app(FIXTURES / "e2e", security=security))
+    stack = Stack(running, keystore, security, clock, acme, acme)
+    refused(stack, stack.with_token(mint_request(acme, "POST", b"/rest/add", JSON, BODY, int(T0) - 1)[0]))
+    assert stack.with_token(mint_request(acme, "POST", b"/rest/add", JSON, BODY, int(T0))[0]).status == 200
+
+
+# -- 3.5 to 3.7: what the token is bound to ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field_", "sent"),
+    [
+        ("body", {"body": b'{"a": 1, "b": 3}'}),
+        ("path", {"target": "/rest/echo"}),
+        ("query", {"target": "/rest/add?x=1"}),
+        ("method", {"method": "PUT"}),
+        ("content type", {"content_type": b"application/json; charset=utf-8"}),
+    ],
+)
+def test_anything_changed_after_signing_is_refused(stack: Stack, field_: str, sent: dict) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    method = sent.get("method", "POST")
+    headers = [("Authorization", f"STT1 {token}"), ("Content-Type", sent.get("content_type", JSON).decode())]
+    before = stack.calls["add"]
+    refused(stack, stack.send(method, sent.get("target", "/rest/add"), sent.get("body", BODY), headers))
+    not_run(stack, before)
+
+
+def test_a_token_for_another_audience_is_refused(stack: Stack) -> None:
+    refused(stack, stack.call(aud="https://other-gateway.example.test"))
+    refused(stack, stack.call(aud=f"http://127.0.0.1:{stack.running.port}"))  # type: ignore[attr-defined]
+
+
+def test_the_query_string_is_part_of_the_signature(stack: Stack) -> None:
+    answer = stack.call(target="/rest/echo/hi?x=1", body=b"")
+    assert answer.status == 200 and json.loads(answer.body)["results"] == "hi"
+
+
+def test_unknown_payload_fields_and_wrong_types_are_refused(stack: Stack) -> None:
+    implicit = s.request_assertion(AUD, "POST", b"/rest/add", JSON, BODY)
+    jti = s.new_jti()
+    for payload in [
+        {"jti": jti, "admin": True},
+        {"jti": 12345},
+        {"jti": jti, "otp": 123456},
+        {"jti": jti, "rk": {"kid": stack.acme.kid, "k": s.b64encode(os.urandom(32))}},  # rk in a request
+        {"jti": "short"},
+        {},
+    ]:
+        token = raw_token(stack.acme, msgspec.json.encode(payload), int(T0), implicit)
+        refused(stack, stack.with_token(token))
+    refused(stack, stack.with_token(raw_token(stack.acme, b"not json", int(T0), implicit)))
+
+
+# -- 3.8 replay ---------------------------------------------------------------------------------
+
+
+def test_the_same_token_twice_is_refused(stack: Stack) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    assert stack.with_token(token).status == 200
+    before = stack.calls["add"]
+    replay_refused(stack, stack.with_token(token))
+    not_run(stack, before)
+
+
+def test_the_same_jti_in_a_new_token_is_refused(stack: Stack) -> None:
+    jti = s.new_jti()
+    assert stack.call(jti=jti).status == 200
+    stack.clock.now += 1
+    assert stack.call(jti=jti).status == 401
+    assert stack.call(jti=jti, cred=stack.globex).status == 200  # the key includes the tenant and kid
+
+
+def test_replay_across_two_workers_sharing_a_sqlite_store(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    first = make_stack(tmp_path, serve, clock=clock, replay=s.SqliteReplayStore(tmp_path / "replay.db", clock=clock))
+    second_security = s.Security(
+        s.Keystore(tmp_path / "gw.db", clock=clock),
+        s.SqliteReplayStore(tmp_path / "replay.db", clock=clock),
+        AUD,
+        clock=clock,
+    )
+    second = Stack(
+        serve(gateway.create_app(FIXTURES / "e2e", security=second_security)),
+        first.keystore,
+        second_security,
+        clock,
+        first.acme,
+        first.globex,
+    )
+    token, _ = mint_request(first.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    assert first.with_token(token).status == 200
+    replay_refused(second, second.with_token(token))
+
+
+def test_replay_after_a_restart_is_refused(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    first = make_stack(tmp_path, serve, clock=clock, replay=s.SqliteReplayStore(tmp_path / "replay.db", clock=clock))
+    token, _ = mint_request(first.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    assert first.with_token(token).status == 200
+    first.running.stop()  # type: ignore[attr-defined]
+    restarted = s.Security(
+        s.Keystore(tmp_path / "gw.db", clock=clock),
+        s.SqliteReplayStore(tmp_path / "replay.db", clock=clock),
+        AUD,
+        clock=clock,
+    )
+    again = Stack(
+        serve(gateway.create_app(FIXTURES / "e2e", security=restarted)),
+        first.keystore,
+        restarted,
+        clock,
+        first.acme,
+        first.globex,
+    )
+    replay_refused(again, again.with_token(token))
+
+
+class BrokenStore:
+    """A replay store whose backend is down."""
+
+    shared = True
+
+    def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+        raise s.ReplayStoreError("connection refused")
+
+
+@pytest.mark.parametrize("store", ["full", "down", "closed sqlite"])
+def test_a_failing_replay_store_fails_closed_with_a_signed_503(tmp_path: Path, serve, store: str) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    if store == "full":
+        replay: object = s.MemoryReplayStore(max_entries=0, clock=clock)
+    elif store == "down":
+        replay = BrokenStore()
+    else:
+        replay = s.SqliteReplayStore(tmp_path / "replay.db", clock=clock)
+        replay._db.close()  # type: ignore[attr-defined]
+    stack = make_stack(tmp_path, serve, clock=clock, replay=replay)
+    before = stack.calls["add"]
+    answer = stack.call()
+    assert answer.status == 503 and json.loads(answer.body)["error"]["code"] == "overloaded"
+    response_claims(stack, answer)
+    not_run(stack, before)
+
+
+def test_the_memory_store_never_forgets_early_and_purges_late() -> None:
+    clock = Clock(T0)
+    store = s.MemoryReplayStore(max_entries=3, clock=clock)
+    assert store.check_and_insert(b"a", int(T0) + 50) and store.check_and_insert(b"b", int(T0) + 50)
+    assert not store.check_and_insert(b"a", int(T0) + 50)
+    assert store.check_and_insert(b"c", int(T0) + 60)
+    with pytest.raises(s.ReplayStoreError):
+        store.check_and_insert(b"d", int(T0) + 60)  # full, and nothing has expired: refuse, never evict
+    clock.now = T0 + 51
+    assert store.check_and_insert(b"d", int(T0) + 100)  # a and b expired and were purged
+    assert len(store) == 2 and not store.check_and_insert(b"c", int(T0) + 60)
+
+
+def test_the_sqlite_store_is_atomic_across_connections(tmp_path: Path) -> None:
+    one = s.SqliteReplayStore(tmp_path / "r.db")
+    two = s.SqliteReplayStore(tmp_path / "r.db")
+    assert one.check_and_insert(b"k", 10) is True
+    assert two.check_and_insert(b"k", 10) is False
+
+
+# -- 3.9: what a tenant may call ------------------------------------------------------------------
+
+
+def test_a_tenant_limited_to_some_functions_gets_a_signed_404_for_others(stack: Stack) -> None:
+    assert stack.call(stack.globex).status == 200
+    hidden = stack.call(stack.globex, target="/rest/scale/2", body=b'{"values": [1]}')
+    missing = stack.call(stack.globex, target="/rest/nope", body=b"{}")
+    assert hidden.status == missing.status == 404 and hidden.body == missing.body
+    response_claims(stack, hidden, stack.globex)
+    catalog = stack.call(stack.globex, method="GET", target="/rest/", body=b"", content_type=b"")
+    assert sorted(json.loads(catalog.body)["results"]) == ["add", "echo"]
+
+
+def test_the_keystore_allow_list_follows_changes_made_elsewhere(stack: Stack, tmp_path: Path) -> None:
+    assert stack.call(stack.globex, target="/rest/echo/x", body=b"").status == 200
+    cli = s.Keystore(tmp_path / "gw.db")  # another connection, as the CLI or another worker
+    cli.set_functions("globex", ["add"])
+    stack.clock.now += 1.5  # the cache looks at PRAGMA data_version at most once a second
+    assert stack.call(stack.globex, target="/rest/echo/x", body=b"").status == 404
+
+
+# -- 5: rotation --------------------------------------------------------------------------------
+
+
+def test_rotation_in_band_from_rk_to_promotion_to_retirement(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    [(tid, old, new)] = stack.keystore.rotate("acme")
+    assert (tid, old) == ("acme", stack.acme.kid)
+    stack.clock.now += 1.5
+    first, again = stack.call(), stack.call()
+    rk = response_claims(stack, first).rk
+    assert isinstance(rk, s.RotatedKey) and rk.kid == new
+    assert response_claims(stack, again).rk == rk  # the same value every time until used
+    error = stack.call(target="/rest/nope", body=b"{}")
+    assert error.status == 404 and response_claims(stack, error).rk is msgspec.UNSET  # never on a 4xx
+    successor = Cred("acme", rk.kid, s.b64decode(rk.k))
+    promoted = stack.call(successor)
+    assert promoted.status == 200 and response_claims(stack, promoted, successor).rk is msgspec.UNSET
+    states = {row["kid"]: row["state"] for row in stack.keystore.rows()}
+    assert states[new] == "active" and states[old] == "retiring"
+    stack.clock.now += 1.5
+    assert stack.call().status == 200  # the old kid still works in its grace period
+    stack.clock.now += s.GRACE_SECONDS
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        refused(stack, stack.call())
+    assert "ALERT" in caplog.text and old in caplog.text
+    assert stack.call(successor).status == 200
+
+
+def test_rotation_policy_makes_successors_for_old_credentials_only(stack: Stack) -> None:
+    assert stack.keystore.rotate(older_than_days=1) == []
+    stack.clock.now += 2 * 86400
+    made = stack.keystore.rotate(older_than_days=1)
+    assert sorted(tid for tid, _, _ in made) == ["acme", "globex"]
+    assert stack.keystore.rotate(older_than_days=1) == []  # at most one pending per credential
+
+
+def test_a_revoked_kid_is_refused_and_its_use_raises_an_alert(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    assert stack.keystore.revoke(stack.acme.kid) == 1
+    stack.clock.now += 1.5
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        refused(stack, stack.call())
+    assert "ALERT" in caplog.text
+    assert stack.call(stack.globex).status == 200
+
+
+# -- 6: the second factor ---------------------------------------------------------------------
+
+
+def test_a_function_flagged_otp_needs_a_fresh_code(stack: Stack) -> None:
+    secret = stack.keystore.otp_enroll("acme")
+    stack.clock.now += 1.5
+    totp = pyotp.TOTP(secret)
+    target = "/rest/guarded"
+    without = stack.call(target=target, body=b"")
+    assert without.status == 401 and without.body == UNAUTHORIZED
+    response_claims(stack, without)  # after step 7: signed
+    code = totp.at(stack.clock.now)
+    assert stack.call(target=target, body=b"", otp=code).status == 200
+    stack.clock.now += 1
+    assert stack.call(target=target, body=b"", otp=code).status == 401  # the same timecode again
+    stack.clock.now += 30
+    previous = totp.at(stack.clock.now - 30)  # one step of drift is allowed, but it is not newer
+    assert stack.call(target=target, body=b"", otp=previous).status == 401
+    assert stack.call(target=target, body=b"", otp=totp.at(stack.clock.now)).status == 200
+    wrong = f"{(int(totp.at(stack.clock.now + 30)) + 1) % 1000000:06d}"
+    assert stack.call(target=target, body=b"", otp=wrong).status == 401
+
+
+def test_a_tenant_without_an_authenticator_cannot_call_an_otp_function(stack: Stack) -> None:
+    assert stack.call(stack.globex, target="/rest/guarded", body=b"", otp="123456").status == 404  # not allowed
+    assert stack.call(target="/rest/guarded", body=b"", otp="123456").status == 401
+
+
+# -- limits, throttling, 413 -------------------------------------------------------------------
+
+
+def test_an_oversized_body_is_refused_with_413_before_it_is_read(stack: Stack) -> None:
+    big = b'{"text": "' + b"x" * 3000 + b'"}'
+    answer = stack.call(target="/rest/echo", body=big)
+    assert answer.status == 413 and answer.header("stt1-response") is None
+
+
+def test_repeated_failures_from_one_address_are_throttled(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve, throttle=s.Throttle(per_address=5, per_tenant=1000))
+    for _ in range(5):
+        refused(stack, stack.call(aud="https://elsewhere.test"))
+    throttled = stack.call()
+    assert throttled.status == 429 and throttled.header("retry-after") == "60"
+    stack.clock.now += 60
+    assert stack.call().status == 200
+
+
+def test_repeated_failures_for_one_tenant_are_throttled(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve, throttle=s.Throttle(per_address=1000, per_tenant=3))
+    for _ in range(3):
+        refused(stack, stack.call(aud="https://elsewhere.test"))
+    assert stack.call().status == 429
+    assert stack.call(stack.globex).status == 200
+
+
+def test_refusal_logs_are_rate_limited(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        for _ in range(15):
+            stack.call(aud="https://elsewhere.test")
+    lines = [r for r in caplog.records if r.name == "gateway.security"]
+    assert len(lines) == 11 and "not logging" in lines[-1].getMessage()
+
+
+# -- conformance and secrecy ------------------------------------------------------------------
+
+
+def test_every_401_is_identical_whatever_failed(stack: Stack) -> None:
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    answers = [
+        stack.send("POST", "/rest/add", BODY, [("Content-Type", "application/json")]),
+        stack.with_token(token[:-3]),
+        stack.call(aud="https://elsewhere.test"),
+        stack.call(Cred("acme", stack.acme.kid, stack.globex.k)),
+        stack.with_token(mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0) - 100)[0]),
+        stack.call(Cred("nobody", stack.acme.kid, stack.acme.k)),
+    ]
+    assert {(a.status, a.body, a.header("www-authenticate"), a.header("content-type")) for a in answers} == {
+        (401, UNAUTHORIZED, "STT1", "application/json")
+    }
+
+
+def test_the_reason_is_logged_with_the_request_id(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        answer = stack.call(aud="https://elsewhere.test")
+    assert f"request {answer.header('x-request-id')}: 401: token does not verify" in caplog.text
+
+
+def test_secrets_never_reach_logs_reprs_or_bodies(stack: Stack, caplog, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.DEBUG):
+        answers = [
+            stack.call(),
+            stack.call(aud="x"),
+            stack.call(target="/rest/boom", body=b"{}"),
+            stack.call(Cred("acme", stack.acme.kid, stack.globex.k)),
+        ]
+        stack.keystore.rotate("acme")
+        stack.clock.now += 1.5
+        answers.append(stack.call())
+    secrets_ = [stack.acme.k, stack.globex.k]
+    cache = stack.keystore.snapshot()
+    texts = [
+        caplog.text,
+        repr(cache.keys),
+        repr(list(cache.keys.values())),
+        repr(stack.keystore.rows()),
+        *[a.body.decode() for a in answers],
+    ]
+    rk = response_claims(stack, answers[-1]).rk
+    texts.append(repr(rk))
+    assert isinstance(rk, s.RotatedKey)
+    for secret in [*secrets_, s.b64decode(rk.k)]:
+        for text in texts:
+            assert s.b64encode(secret) not in text and secret.hex() not in text
+    database = (tmp_path / "gw.db").read_bytes() + (tmp_path / "gw.db-wal").read_bytes()
+    for secret in secrets_:
+        assert secret not in database and s.b64encode(secret).encode() not in database  # encrypted at rest
+
+
+def test_a_wrong_master_key_cannot_read_the_keystore(stack: Stack, tmp_path: Path) -> None:
+    intruder = s.Keystore(tmp_path / "gw.db", master_key=os.urandom(32))
+    with pytest.raises(Exception, match="InvalidTag|"):
+        intruder.snapshot()
+    assert oct((tmp_path / "gw.db.key").stat().st_mode)[-3:] == "600"
+
+
+def test_a_failed_change_leaves_the_keystore_as_it_was(stack: Stack) -> None:
+    rows = stack.keystore.rows()
+    with pytest.raises(ValueError, match="exists already"):
+        stack.keystore.add_tenant("acme")
+    with pytest.raises(ValueError, match="no tenant"):
+        stack.keystore.rotate("nobody")
+    assert stack.keystore.rows() == rows
+
+
+def test_the_replay_key_separates_tenants_kids_and_jtis() -> None:
+    keys = {
+        s.replay_key("a", "k", "j"),
+        s.replay_key("a", "k", "J"),
+        s.replay_key("b", "k", "j"),
+        s.replay_key("a", "K", "j"),
+        s.replay_key("a\x00k", "", "j"),
+    }
+    assert len(keys) == 5
+    assert s.replay_key("a", "k", "j") == hashlib.sha256(s.pae(b"a", b"k", b"c2s", b"j")).digest()
+
+
+def test_the_keystore_file_is_a_wal_sqlite_database(stack: Stack, tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "gw.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert {r[0] for r in db.execute("SELECT state FROM credentials")} == {"active"}
