@@ -22,6 +22,7 @@ import re
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -898,7 +899,10 @@ def _credential(settings: Settings, kid: str, k: bytes, tid: str) -> Credential:
 
 
 def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
-    keystore = Keystore(settings.db)
+    try:
+        keystore = Keystore(settings.db)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        return _fail(f"cannot open the keystore {settings.db}: {exc}")
     try:
         if args.action == "add":
             functions = None if args.functions is None else [f for f in args.functions.split(",") if f]
@@ -941,7 +945,10 @@ def _token_command(args: argparse.Namespace) -> int:
 
     from security import sign_request
 
-    credential = read_credential(args.cred)
+    try:
+        credential = read_credential(args.cred)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot read the credential file: {exc}")
     body = (args.data or "").encode()
     content_type = b"application/json" if body else b""
     token, _ = sign_request(
@@ -963,9 +970,9 @@ def _token_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _first_run(settings: Settings) -> None:
+def _first_run(settings: Settings, keystore: Keystore) -> None:
     """No keystore yet: make one with a demo tenant, and show how to call the gateway."""
-    kid, k = Keystore(settings.db).add_tenant("demo")
+    kid, k = keystore.add_tenant("demo")
     write_credential("demo-credential.json", _credential(settings, kid, k, "demo"))
     python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
     body = '{"a": 1, "b": 2}'
@@ -997,17 +1004,19 @@ def main(argv: list[str] | None = None) -> int:
     if settings.auth == "stt1":
         if settings.workers > 1 and settings.replay == "memory":
             return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
+        first_run = not Path(settings.db).exists()
         try:
-            open_replay_store(settings.replay, settings.db)
-        except ValueError as exc:
+            security = build_security(settings)  # proves the keystore, its master key and the store work
+        except (ValueError, OSError, sqlite3.Error) as exc:
             return _fail(str(exc))
-        if not Path(settings.db).exists():
-            _first_run(settings)
+        if first_run:
+            _first_run(settings, security.keystore)
     else:
+        security = None
         log.warning("--auth off: /rest/ answers anyone who can reach %s", settings.audience)
     origin = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
-        app = create_app(settings.modules, settings=settings)
+        app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
         log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
         serve(app)
         return 0

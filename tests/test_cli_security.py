@@ -1,0 +1,126 @@
+"""The security subcommands as an operator runs them: real processes, a real keystore file."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyotp
+import pytest
+from conftest import ROOT
+
+import security as s
+
+
+def cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "--db", str(tmp_path / "gw.db"), *args],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={k: v for k, v in os.environ.items() if k != "GATEWAY_MASTER_KEY"})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_tenant_add_writes_a_private_credential_file(tmp_path: Path) -> None:
+    out = cli(tmp_path, "tenant", "add", "acme", "--functions", "add,echo").stdout
+    cred_path = tmp_path / "acme-credential.json"
+    assert "written to acme-credential.json" in out
+    assert oct(cred_path.stat().st_mode)[-3:] == "600"
+    assert oct((tmp_path / "gw.db.key").stat().st_mode)[-3:] == "600"
+    cred = s.read_credential(cred_path)
+    assert (cred.stt, cred.url, cred.tid) == (1, "http://127.0.0.1:8000", "acme")
+    listing = cli(tmp_path, "tenant", "list").stdout
+    assert re.search(rf"acme\s+{re.escape(cred.kid)}\s+active\s+functions=\[\"add\", \"echo\"\]", listing)
+    assert cred.k not in listing
+
+
+def test_public_url_is_the_credentials_url(tmp_path: Path) -> None:
+    cli(tmp_path, "--public-url", "https://api.example.com/", "tenant", "add", "acme", "--out", "c.json")
+    assert s.read_credential(tmp_path / "c.json").url == "https://api.example.com"
+
+
+def test_bad_names_and_duplicates_are_refused_with_exit_3(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    duplicate = cli(tmp_path, "tenant", "add", "acme", check=False)
+    assert (duplicate.returncode, duplicate.stderr.strip()) == (3, "gateway: tenant 'acme' exists already")
+    bad = cli(tmp_path, "tenant", "add", "Not_OK", check=False)
+    assert bad.returncode == 3 and "tenant name 'Not_OK'" in bad.stderr
+    missing = cli(tmp_path, "tenant", "rotate", "nobody", check=False)
+    assert (missing.returncode, missing.stderr.strip()) == (3, "gateway: no tenant 'nobody'")
+
+
+def test_rotate_export_and_revoke(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    kid = s.read_credential(tmp_path / "acme-credential.json").kid
+    rotated = cli(tmp_path, "tenant", "rotate", "acme").stdout
+    assert rotated.startswith(f"tenant acme: {kid} -> ") and "pending" in rotated
+    assert "nothing to rotate" in cli(tmp_path, "tenant", "rotate", "acme").stdout
+    cli(tmp_path, "tenant", "export", "acme", "--out", "laptop.json")
+    second = s.read_credential(tmp_path / "laptop.json")
+    assert second.tid == "acme" and second.kid != kid
+    assert cli(tmp_path, "tenant", "revoke", kid).stdout.strip() == f"{kid}: 1 credential(s) retired"
+    states = {line.split()[1]: line.split()[2] for line in cli(tmp_path, "tenant", "list").stdout.splitlines()}
+    assert states[kid] == "retired" and states[second.kid] == "active"
+    assert cli(tmp_path, "tenant", "revoke", "acme").stdout.strip() == "acme: 2 credential(s) retired"
+
+
+def test_otp_enroll_prints_an_otpauth_uri(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    uri = cli(tmp_path, "tenant", "otp-enroll", "acme").stdout.strip()
+    assert uri.startswith("otpauth://totp/gateway:acme?secret=")
+    totp = pyotp.parse_uri(uri)
+    keystore = s.Keystore(tmp_path / "gw.db")
+    now = time.time()
+    assert keystore.check_otp("acme", totp.at(now), now)
+    assert not keystore.check_otp("acme", totp.at(now), now)
+
+
+def test_the_master_key_can_come_from_the_environment(tmp_path: Path) -> None:
+    key = s.b64encode(os.urandom(32))
+    env = {**os.environ, "GATEWAY_MASTER_KEY": key}
+    run = [sys.executable, str(ROOT / "gateway.py"), "--db", str(tmp_path / "gw.db"), "tenant"]
+    subprocess.run([*run, "add", "acme"], check=True, cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert not (tmp_path / "gw.db.key").exists()
+    listing = subprocess.run([*run, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert "acme" in listing.stdout
+    env["GATEWAY_MASTER_KEY"] = "too-short"
+    bad = subprocess.run([*run, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert (bad.returncode, bad.stderr.strip()) == (
+        3, f"gateway: cannot open the keystore {tmp_path / 'gw.db'}: GATEWAY_MASTER_KEY must be the base64url of 32 "
+        "random bytes")
+
+
+def test_token_prints_a_curl_command_for_exactly_that_request(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    line = cli(tmp_path, "token", "--cred", "acme-credential.json", "POST", "/rest/add?x=1",
+               "--data", '{"a": 1}').stdout.strip()
+    assert line.startswith("curl -sS --path-as-is -X POST 'http://127.0.0.1:8000/rest/add?x=1' "
+                           "-H 'Authorization: STT1 ")
+    assert line.endswith("""-H 'Content-Type: application/json' --data-raw '{"a": 1}'""")
+    token = re.search(r"STT1 (v3\.local\.[A-Za-z0-9_.-]+)'", line).group(1)  # type: ignore[union-attr]
+    cred = s.read_credential(tmp_path / "acme-credential.json")
+    key = s.DirectionKey(cred.secret, "c2s", "acme", cred.kid)
+    implicit = s.request_assertion(cred.url, "POST", b"/rest/add?x=1", b"application/json", b'{"a": 1}')
+    assert isinstance(s.open_token(key, token, implicit).claims, s.RequestClaims)
+
+
+@pytest.mark.parametrize("replay", ["memory", "redis://x"])
+def test_workers_need_a_shared_replay_store(tmp_path: Path, replay: str) -> None:
+    (tmp_path / "modules").mkdir()
+    result = cli(tmp_path, "--workers", "2", "--replay", replay, check=False)
+    assert result.returncode == 3
+    expected = ("gateway: --workers > 1 needs a replay store the workers share: add --replay sqlite"
+                if replay == "memory" else "gateway: unknown replay store 'redis://x'")
+    assert result.stderr.strip().startswith(expected)
+
+
+def test_serving_with_an_unusable_master_key_is_a_clean_startup_failure(tmp_path: Path) -> None:
+    (tmp_path / "modules").mkdir()
+    env = {**os.environ, "GATEWAY_MASTER_KEY": "short"}
+    result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "--db", str(tmp_path / "gw.db")],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert (result.returncode, result.stderr.strip()) == (
+        3, "gateway: GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
