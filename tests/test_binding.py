@@ -6,9 +6,9 @@ import datetime
 
 import msgspec
 import pytest
-from conftest import FIXTURES
 
 import gateway
+from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")

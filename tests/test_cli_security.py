@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pyotp
 import pytest
-from conftest import ROOT
 
 import security as s
+from conftest import ROOT
 
 
 def cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -14,11 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import FIXTURES, ROOT, free_port
 
 import client as stt1_client
 import gateway
 import security as s
+from conftest import FIXTURES, ROOT, free_port
 
 
 @pytest.fixture

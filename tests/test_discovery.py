@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from conftest import FIXTURES
 
 import gateway
+from conftest import FIXTURES
 
 FOLDER = FIXTURES / "discovery"
 

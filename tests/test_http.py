@@ -9,10 +9,10 @@ import time
 
 import httpx
 import pytest
-from conftest import FIXTURES, ROOT
 from openapi_spec_validator import validate
 
 import gateway
+from conftest import FIXTURES, ROOT
 
 
 class HeaderCaller:

@@ -18,10 +18,10 @@ from pathlib import Path
 import msgspec
 import pyotp
 import pytest
-from conftest import FIXTURES
 
 import gateway
 import security as s
+from conftest import FIXTURES
 
 AUD = "https://api.example.test"  # never derived from the Host header, which is 127.0.0.1:port here
 T0 = 1_800_000_000.0
