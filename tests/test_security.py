@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -732,3 +733,18 @@ def test_the_keystore_file_is_a_wal_sqlite_database(stack: Stack, tmp_path: Path
     with sqlite3.connect(tmp_path / "gw.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert {r[0] for r in db.execute("SELECT state FROM credentials")} == {"active"}
+
+
+def test_the_rotation_policy_runs_in_the_server(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    clock.now += 3 * 86400  # the credential is three days old when the gateway starts
+    security = s.Security(keystore, s.MemoryReplayStore(clock=clock), AUD, clock=clock, boot_time=T0)
+    running = serve(gateway.create_app(FIXTURES / "e2e", security=security, rotate_days=2))
+    stack = Stack(running, keystore, security, clock, acme, acme)
+    deadline = time.monotonic() + 5
+    while len(keystore.rows()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [row["state"] for row in keystore.rows()] == ["active", "pending"]
+    assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
