@@ -15,6 +15,7 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import itertools
 import logging
 import os
 import pkgutil
@@ -137,8 +138,9 @@ class Exposed:
     otp: bool
     params: frozenset[str]
     first: str | None  # the parameter the URL's <var1> binds
-    first_type: Any
-    args_type: Any  # a TypedDict msgspec converts the arguments into
+    args_type: Any  # a TypedDict: what the arguments are decoded into
+    decode_args: Callable[[bytes], Any]  # built once: msgspec.convert re-reads the type per call
+    decode_var1: Callable[[bytes], Any] | None  # lax: the URL's "42" becomes 42 where the hint says int
     returns: Any
 
     def allows(self, caller: Any) -> bool:
@@ -322,8 +324,9 @@ def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
         otp=entry.otp,
         params=frozenset(fields),
         first=first,
-        first_type=hints.get(first, Any) if first else None,
         args_type=args_type,
+        decode_args=msgspec.json.Decoder(args_type).decode,
+        decode_var1=msgspec.json.Decoder(hints.get(first, Any), strict=False).decode if first else None,
         returns=returns,
     )
 
@@ -343,24 +346,25 @@ def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> di
     Body values are converted strictly, as JSON typed them; only the URL's var1, always a
     string, is converted laxly ("42" becomes 42 where the hint says int).
     """
-    args = decode_object(body)
+    args = decode_object(body)  # generic first: funcName and unknown fields need the raw keys
     named = args.pop("funcName", url_func)
     if url_func is not None and named != url_func:
         raise GatewayError(400, "bad_json", f"funcName `{named}` conflicts with the URL's `{url_func}`")
+    for key in args:
+        if key not in fn.params:
+            raise GatewayError(422, "invalid_arguments", f"Object contains unknown field `{key}`")
     if var1 is not None:
-        if fn.first is None:
+        if fn.decode_var1 is None or fn.first is None:
             raise GatewayError(422, "invalid_arguments", f"`{fn.name}` takes no arguments, so the URL cannot carry one")
         if fn.first in args:
             raise GatewayError(422, "invalid_arguments", f"`{fn.first}` is given both in the URL and in the body")
         try:
-            args[fn.first] = msgspec.convert(var1, fn.first_type, strict=False)
+            args[fn.first] = fn.decode_var1(msgspec.json.encode(var1))
         except msgspec.ValidationError as exc:
             raise GatewayError(422, "invalid_arguments", f"{exc} - at `$.{fn.first}` (from the URL)") from None
-    for key in args:
-        if key not in fn.params:
-            raise GatewayError(422, "invalid_arguments", f"Object contains unknown field `{key}`")
+        body = msgspec.json.encode(args)
     try:
-        return msgspec.convert(args, fn.args_type)  # type: ignore[no-any-return]
+        return fn.decode_args(body or b"{}")
     except msgspec.ValidationError as exc:
         raise GatewayError(422, "invalid_arguments", str(exc)) from None
 
@@ -634,11 +638,21 @@ def _json_response(content: Any, status: int = 200, headers: dict[str, str] | No
 
 
 def _request_id(scope: Scope) -> bytes:
-    """The client's (or load balancer's) X-Request-Id when it is safe to log, else a new one."""
+    """The client's (or load balancer's) X-Request-Id when it is safe to log, else a new one.
+
+    New ids are a per-process random prefix and a counter: unique across workers and hosts
+    without a getrandom system call per request (ids are labels for logs, not secrets).
+    """
     for key, value in scope["headers"]:
         if key == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
             return bytes(value)
-    return secrets.token_hex(8).encode()
+    return b"%s%08x" % (_id_prefix[0], next(_id_counter))
+
+
+_id_counter = itertools.count()
+_id_prefix = [secrets.token_hex(4).encode()]
+# A forked worker must not repeat its parent's ids.
+os.register_at_fork(after_in_child=lambda: _id_prefix.__setitem__(0, secrets.token_hex(4).encode()))
 
 
 def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
