@@ -991,8 +991,9 @@ class ReplayStoreError(Exception):
 class MemoryReplayStore:
     """One process. Keys are bucketed by expiry second so purging is amortised O(1).
 
-    It keeps the first 16 bytes of each key: 128 bits leave a collision (a fresh token refused)
-    at odds of about 2**-88 with millions of entries, and halve the memory per entry.
+    Keys are SHA-256 digests (replay_key), so it keeps their first 16 bytes: 128 bits leave a
+    collision (a fresh token refused) at odds of about 2**-88 with millions of entries, and
+    halve the memory per entry. Expired keys go at most a second after their expiry.
     """
 
     shared = False  # another process cannot see it: the gateway refuses it with --workers > 1
@@ -1002,6 +1003,7 @@ class MemoryReplayStore:
         self.clock = clock
         self._seen: set[bytes] = set()
         self._buckets: dict[int, list[bytes]] = {}
+        self._next_purge = 0
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -1012,12 +1014,12 @@ class MemoryReplayStore:
         with self._lock:
             if key in self._seen:
                 return False
-            if len(self._seen) >= self.max_entries:
-                self._purge(int(self.clock()))
+            now = int(self.clock())
+            if now >= self._next_purge or len(self._seen) >= self.max_entries:
+                self._purge(now)  # at most once a second, and when full: time bounds the store
+                self._next_purge = now + 1
                 if len(self._seen) >= self.max_entries:
                     raise ReplayStoreError("memory replay store is full")
-            elif len(self._buckets) > 120:
-                self._purge(int(self.clock()))
             self._seen.add(key)
             bucket = self._buckets.get(expires_at)
             if bucket is None:

@@ -748,3 +748,16 @@ def test_the_rotation_policy_runs_in_the_server(tmp_path: Path, serve) -> None: 
         time.sleep(0.02)
     assert [row["state"] for row in keystore.rows()] == ["active", "pending"]
     assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
+
+
+def test_the_memory_store_purges_by_time_even_with_one_expiry_second() -> None:
+    clock = Clock(T0)
+    store = s.MemoryReplayStore(clock=clock)
+    for _ in range(1000):
+        store.check_and_insert(os.urandom(32), int(T0) + 50)  # one expiry second: one bucket
+    clock.now = T0 + 50
+    store.check_and_insert(b"x" * 32, int(T0) + 100)
+    assert len(store) == 1001  # not before expires_at ...
+    clock.now = T0 + 51
+    store.check_and_insert(b"y" * 32, int(T0) + 101)
+    assert len(store) == 2  # ... and within a second after it
