@@ -29,7 +29,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NotRequired, Required, TypedDict
@@ -88,6 +88,7 @@ class Settings:
     public_url: str = ""  # the audience tokens are bound to; default http://HOST:PORT
     replay: str = "memory"
     rotate_days: float = 0  # rotate credentials older than this many days; 0: only on demand
+    reload: bool = True  # watch the modules folder and swap in what changed
 
     @property
     def audience(self) -> str:
@@ -181,18 +182,35 @@ class Refused(Exception):
 _generation = 0
 
 
-def load_modules(path: str | os.PathLike[str] | None = "modules", packages: tuple[str, ...] = ()) -> Catalog:
+def load_modules(
+    path: str | os.PathLike[str] | None = "modules",
+    packages: tuple[str, ...] = (),
+    *,
+    previous: Catalog | None = None,
+    changed: Collection[str] | None = None,
+) -> Catalog:
     """Import every module of the folder (and of the named installed packages) afresh.
 
     Each load imports the folder as a new package (``_gw<N>``), so a reload never sees the
     modules of the previous one and modules can import their siblings with ``from . import x``.
     A bad module is refused with its reason; the others still load.
+
+    A reload passes the ``previous`` catalog. With ``changed`` (files, as named in sources),
+    only those are imported again and the rest of ``previous`` is kept as it was, so a reload
+    costs what changed. A changed file that now fails keeps serving its previous version while
+    it is reported as refused; a file that is gone takes its functions with it.
     """
     global _generation
     _generation += 1
     functions: dict[str, Exposed] = {}
     refused: list[Refusal] = []
-    for source, import_module in _module_sources(path, packages, f"_gw{_generation}"):
+    only = None
+    if previous is not None and changed is not None:
+        only = {source for source in changed if Path(source).exists()}
+        functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
+        refused = [refusal for refusal in previous.refused if refusal.source not in changed]
+        packages = ()  # installed packages do not change under a running gateway
+    for source, import_module in _module_sources(path, packages, f"_gw{_generation}", only):
         try:
             module = import_module()
             exposed = _exposed_of(module, source)
@@ -207,13 +225,33 @@ def load_modules(path: str | os.PathLike[str] | None = "modules", packages: tupl
             refused.append(Refusal(source, f"{type(exc).__name__}: {exc}"))
         else:
             functions.update((item.name, item) for item in exposed)
-    for refusal in refused:
-        log.error("refused %s", refusal)
+            continue
+        log.error("refused %s", refused[-1])
+        if previous is not None:  # the previous version of this file goes on serving
+            functions.update((n, fn) for n, fn in previous.functions.items() if fn.source == source)
+    if previous is not None:
+        _forget_generations(previous.functions.values(), functions.values())
     return Catalog(functions, tuple(refused))
 
 
+def _generation_of(fn: Exposed) -> str:
+    return fn.func.__module__.split(".", 1)[0]
+
+
+def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed]) -> None:
+    """Drop from sys.modules the generations a reload replaced and nothing serves any more.
+
+    Without this every reload would keep its module objects alive for ever; a generation that
+    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports.
+    """
+    gone = {_generation_of(fn) for fn in replaced} - {_generation_of(fn) for fn in serving} - {f"_gw{_generation}"}
+    gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
+    for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
+        del sys.modules[name]
+
+
 def _module_sources(
-    path: str | os.PathLike[str] | None, packages: tuple[str, ...], package_name: str
+    path: str | os.PathLike[str] | None, packages: tuple[str, ...], package_name: str, only: set[str] | None = None
 ) -> Iterator[tuple[str, Callable[[], types.ModuleType]]]:
     """Yield (display name, importer) for each module to consider, in a stable order."""
     if path is not None:
@@ -222,7 +260,7 @@ def _module_sources(
         package.__path__ = [str(root)]
         package.__package__ = package_name
         sys.modules[package_name] = package
-        for file in _walk(root):
+        for file in _walk(root) if only is None else sorted(map(Path, only)):
             dotted = ".".join(file.relative_to(root).with_suffix("").parts)
             yield str(file), functools.partial(importlib.import_module, f"{package_name}.{dotted}")
     for name in packages:
@@ -477,13 +515,16 @@ class Gateway:
         settings: Settings,
         catalog: Catalog,
         security: Security | Callable[[ASGIApp], ASGIApp] | None = None,
+        modules: str | os.PathLike[str] | None = None,
     ):
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
         from starlette.routing import Route
 
         self.settings = settings
-        self.catalog = catalog
+        self.catalog = catalog  # replaced whole on every reload: one assignment, never edited
+        self.modules = None if modules is None else Path(modules)
+        self.reloads = 0
         self.dispatcher = Dispatcher(settings)
         self.access = AccessLog()
         self.security = security if isinstance(security, Security) else None
@@ -505,12 +546,14 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: object) -> typing.AsyncIterator[None]:
-        rotation = None
+        tasks = []
         if self.security is not None and self.settings.rotate_days > 0:
-            rotation = asyncio.create_task(self._rotate_by_policy(self.security.keystore))
+            tasks.append(asyncio.create_task(self._rotate_by_policy(self.security.keystore)))
+        if self.settings.reload and self.modules is not None:
+            tasks.append(asyncio.create_task(watch_modules(self, self.modules)))
         yield
-        if rotation is not None:
-            rotation.cancel()
+        for task in tasks:
+            task.cancel()
         self.dispatcher.close()
         self.access.flush()
 
@@ -760,7 +803,7 @@ def create_app(
     settings = dataclasses.replace(settings or Settings(), **overrides)
     if security is None and settings.auth != "off":
         security = build_security(settings)
-    return Gateway(settings, load_modules(modules, settings.packages), security)
+    return Gateway(settings, load_modules(modules, settings.packages), security, modules)
 
 
 def build_security(settings: Settings) -> Security:
@@ -768,6 +811,46 @@ def build_security(settings: Settings) -> Security:
     return Security(
         keystore, open_replay_store(settings.replay, settings.db), settings.audience, max_body=settings.max_body
     )
+
+
+#### Hot reload
+
+
+async def watch_modules(gateway: Gateway, root: Path) -> None:
+    """Swap in a new catalog whenever files under ``root`` change, for as long as it runs.
+
+    Only the changed modules are imported again (in a thread: a slow import never stalls
+    requests); a changed helper (a file or folder starting with ``_``) may be imported by any
+    module, so it reloads them all. The new catalog replaces the old in one assignment, so a
+    request in flight finishes on the function it started with.
+    """
+    from watchfiles import awatch
+
+    resolved = root.resolve()
+    async for changes in awatch(resolved, debounce=50, step=20, recursive=True):
+        parts = {Path(path).relative_to(resolved).parts for _, path in changes}
+        parts = {p for p in parts if p and p[-1].endswith(".py") and not any(s.startswith(".") for s in p)}
+        if not parts:
+            continue
+        started = time.perf_counter()
+        for p in parts:
+            # A pyc is trusted while the source's size and whole-second mtime match: two saves
+            # within a second with the same size would import the old code. Drop it.
+            with contextlib.suppress(OSError, ValueError):
+                os.unlink(importlib.util.cache_from_source(str(resolved.joinpath(*p))))
+        previous = gateway.catalog
+        if any(s.startswith("_") for p in parts for s in p):
+            catalog = await asyncio.to_thread(load_modules, root, gateway.settings.packages, previous=previous)
+        else:
+            changed = {str(root.joinpath(*p)) for p in parts}
+            catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
+        gateway.catalog = catalog
+        gateway.reloads += 1
+        log.info(
+            "reloaded %s in %.0f ms: %d functions, %d refused",
+            ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
+            len(catalog.functions), len(catalog.refused),
+        )  # fmt: skip
 
 
 #### Serving
@@ -865,6 +948,13 @@ def _parser() -> argparse.ArgumentParser:
             help=f"{help_text} (%(default)s)",
         )
     parser.add_argument(
+        "--no-reload",
+        dest="reload",
+        action="store_false",
+        default=os.environ.get("GATEWAY_RELOAD", "1").lower() not in ("0", "false", "no", "off"),
+        help="do not watch the modules folder for changes (env GATEWAY_RELOAD=0)",
+    )
+    parser.add_argument(
         "--package",
         action="append",
         default=[p for p in os.environ.get("GATEWAY_PACKAGE", "").split(",") if p],
@@ -896,7 +986,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = {name: getattr(args, name) for name, _, _ in _OPTIONS}
-    return Settings(packages=tuple(args.package), **fields)
+    return Settings(packages=tuple(args.package), reload=args.reload, **fields)
 
 
 def _configure_logging(level: str) -> None:
