@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,3 +134,25 @@ def test_several_workers_serve_the_same_port(processes) -> None:  # type: ignore
     for _ in range(10):
         assert httpx.post(f"http://127.0.0.1:{port}/rest/add", json={"a": 1, "b": 2}).json()["results"] == 3
     stop(process)
+
+
+def test_sigterm_drains_calls_in_flight_then_exits_0(processes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "slow.py").write_text(
+        "import asyncio\n__all_exposed__ = ['slow']\n\n\nasync def slow(seconds: float) -> str:\n"
+        "    await asyncio.sleep(seconds)\n    return 'finished'\n")
+    port = free_port()
+    processes.append(process := start("--port", str(port), "--modules", str(tmp_path)))
+    wait_healthy(f"http://127.0.0.1:{port}", process)
+    answers: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answers.append(
+        httpx.post(f"http://127.0.0.1:{port}/rest/slow", json={"seconds": 1.5}, timeout=10)))
+    call.start()
+    time.sleep(0.5)  # the call is in flight
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # no new connections once draining
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+    call.join(10)
+    output, _ = process.communicate(timeout=20)
+    assert answers[0].json() == {"results": "finished", "valid": True}
+    assert process.returncode == 0, output

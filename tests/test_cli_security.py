@@ -1,8 +1,11 @@
 """The security subcommands as an operator runs them: real processes, a real keystore file."""
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +15,7 @@ import pyotp
 import pytest
 
 import security as s
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 
 def cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -124,3 +127,44 @@ def test_serving_with_an_unusable_master_key_is_a_clean_startup_failure(tmp_path
                             capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert (result.returncode, result.stderr.strip()) == (
         3, "gateway: GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
+
+
+def test_a_token_accepted_by_one_worker_is_refused_by_the_others(tmp_path: Path) -> None:
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "where.py").write_text(
+        "import os\n__all_exposed__ = ['pid']\n\n\ndef pid() -> int:\n    return os.getpid()\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "gateway.py"), "--port", str(port), "--workers", "2", "--replay", "sqlite",
+         "--db", str(tmp_path / "gw.db")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            try:
+                if http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz") is None:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.1)
+        time.sleep(1)
+        cred = s.read_credential(tmp_path / "demo-credential.json")
+
+        def send(token: str) -> tuple[int, bytes]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a new connection each time
+            conn.request("POST", "/rest/pid", headers={"Authorization": f"STT1 {token}"})
+            response = conn.getresponse()
+            return response.status, response.read()
+
+        def fresh() -> str:
+            return s.sign_request(cred, "POST", b"/rest/pid", b"", b"", time.time())[0]
+
+        pids = {json.loads(send(fresh())[1])["results"] for _ in range(40)}
+        assert len(pids) == 2, "both workers should have answered some of 40 connections"
+        token = fresh()
+        statuses = [send(token)[0] for _ in range(20)]
+        assert statuses.count(200) == 1 and statuses.count(401) == 19
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
