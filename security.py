@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -1070,15 +1071,42 @@ class SqliteReplayStore:
             return int(self._db.execute("SELECT count(*) FROM seen").fetchone()[0])
 
 
-def open_replay_store(url: str, db_path: str) -> MemoryReplayStore | SqliteReplayStore:
-    """``memory``, ``sqlite`` (a file beside the keystore) or ``sqlite:///path/to/file``."""
+class RedisReplayStore:
+    """Several hosts share one Redis: ``SET key 1 NX EXAT expires_at`` is the whole contract.
+
+    Asynchronous, so a network round trip never stalls the event loop. Redis must not evict
+    keys before they expire (maxmemory-policy noeviction): a full Redis then refuses the SET,
+    which is a 503 here, never a forgotten jti. redis-py reconnects by itself once Redis is back.
+    """
+
+    shared = True
+
+    def __init__(self, url: str, timeout: float = 0.5) -> None:
+        import redis.asyncio
+
+        self.url = url
+        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    async def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+        import redis
+
+        try:
+            return bool(await self._redis.set(b"stt1:seen:" + key, b"1", nx=True, exat=expires_at))
+        except (redis.RedisError, OSError) as exc:
+            raise ReplayStoreError(f"redis replay store: {exc}") from None
+
+
+def open_replay_store(url: str, db_path: str) -> MemoryReplayStore | SqliteReplayStore | RedisReplayStore:
+    """``memory``, ``sqlite`` (a file beside the keystore), ``sqlite:///path`` or ``redis://host:port/db``."""
     if url == "memory":
         return MemoryReplayStore()
     if url == "sqlite":
         return SqliteReplayStore(f"{db_path}.replay")
     if url.startswith("sqlite:///"):
         return SqliteReplayStore(url[len("sqlite:///") - 1 :])
-    raise ValueError(f"unknown replay store {url!r}: use memory, sqlite or sqlite:///path")
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisReplayStore(url)
+    raise ValueError(f"unknown replay store {url!r}: use memory, sqlite, sqlite:///path or redis://host:port/db")
 
 
 def replay_key(tid: str, kid: str, jti: str) -> bytes:
@@ -1256,6 +1284,8 @@ class Security:
         signed_send = self._signing_send(send, key, claims.jti)
         try:
             fresh = self.replay.check_and_insert(replay_key(tid, key.kid, claims.jti), footer.iat + REPLAY_TTL)  # 8
+            if inspect.isawaitable(fresh):  # a networked store (Redis) answers asynchronously
+                fresh = await fresh
         except Exception as exc:  # any store failure: fail closed
             log.error("request %s: replay store failed: %s", request_id.decode(), exc)
             return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)

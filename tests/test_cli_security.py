@@ -110,13 +110,13 @@ def test_token_prints_a_curl_command_for_exactly_that_request(tmp_path: Path) ->
     assert isinstance(s.open_token(key, token, implicit).claims, s.RequestClaims)
 
 
-@pytest.mark.parametrize("replay", ["memory", "redis://x"])
+@pytest.mark.parametrize("replay", ["memory", "mongodb://x"])
 def test_workers_need_a_shared_replay_store(tmp_path: Path, replay: str) -> None:
     (tmp_path / "modules").mkdir()
     result = cli(tmp_path, "--workers", "2", "--replay", replay, check=False)
     assert result.returncode == 3
     expected = ("gateway: --workers > 1 needs a replay store the workers share: add --replay sqlite"
-                if replay == "memory" else "gateway: unknown replay store 'redis://x'")
+                if replay == "memory" else "gateway: unknown replay store 'mongodb://x'")
     assert result.stderr.strip().startswith(expected)
 
 

