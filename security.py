@@ -1229,29 +1229,17 @@ class Security:
         client = scope.get("client")
         address = client[0] if client else "-"
         if self.throttle.blocked("addr", address, now):
-            return await _reply(
-                send,
-                429,
-                _error(b"throttled", b"too many failed requests; retry later"),
-                request_id,
-                ((b"retry-after", str(self.throttle.window).encode()),),
-            )
+            return await self._throttled(send, request_id)
         tid = None
         try:
-            authorization, content_length = _read_headers(scope)
+            authorization, content_length, content_type = _read_headers(scope)
             parsed = parse(authorization)  # 2: shape and footer
             footer = parsed.footer
             tid = footer.tid
             if footer.direction != "c2s":
                 raise _Refused("s2c token sent as a request")
             if self.throttle.blocked("tid", tid, now):
-                return await _reply(
-                    send,
-                    429,
-                    _error(b"throttled", b"too many failed requests; retry later"),
-                    request_id,
-                    ((b"retry-after", str(self.throttle.window).encode()),),
-                )
+                return await self._throttled(send, request_id)
             if abs(now - footer.iat) > MAX_SKEW:  # 3
                 raise _Refused(f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
             if footer.iat < self.min_iat:
@@ -1272,7 +1260,7 @@ class Security:
             target = scope.get("raw_path") or scope["path"].encode()
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]
-            implicit = request_assertion(self.audience, scope["method"], target, _header(scope, b"content-type"), body)
+            implicit = request_assertion(self.audience, scope["method"], target, content_type, body)
             claims = open_token(key.c2s, parsed, implicit).claims  # 6, 7
         except _Refused as exc:
             return await self._unauthorized(send, request_id, address, tid, now, str(exc))
@@ -1305,6 +1293,10 @@ class Security:
         scope[TENANT_KEY] = tid
         scope[CALLER_KEY] = Caller(self, tid, cache.functions.get(tid), getattr(claims, "otp", None) or None)
         await app(scope, receive, signed_send)  # 9 happens in the dispatcher, 11 in signed_send
+
+    async def _throttled(self, send: _Send, request_id: bytes) -> None:
+        retry_after = ((b"retry-after", str(self.throttle.window).encode()),)
+        await _reply(send, 429, _error(b"throttled", b"too many failed requests; retry later"), request_id, retry_after)
 
     async def _unauthorized(
         self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str
@@ -1356,10 +1348,14 @@ class Security:
         return signed_send
 
 
-def _read_headers(scope: _Scope) -> tuple[str, int | None]:
-    """Step 1: exactly one ``Authorization: STT1 <token>`` of at most 1024 characters."""
+def _read_headers(scope: _Scope) -> tuple[str, int | None, bytes]:
+    """Step 1: exactly one ``Authorization: STT1 <token>`` of at most 1024 characters.
+
+    Also returns the Content-Length (for step 5) and the raw Content-Type (for the assertion).
+    """
     authorization = None
     content_length = None
+    content_type = b""
     for name, value in scope["headers"]:
         if name == b"authorization":
             if authorization is not None:
@@ -1370,18 +1366,13 @@ def _read_headers(scope: _Scope) -> tuple[str, int | None]:
                 content_length = int(value)
             except ValueError:
                 raise _Refused("Content-Length is not a number") from None
+        elif name == b"content-type":
+            content_type = bytes(value)
     if authorization is None:
         raise _Refused("no Authorization header")
     if len(authorization) > MAX_TOKEN_CHARS or not authorization.startswith(b"STT1 "):
         raise _Refused("Authorization is not an STT1 token")
-    return authorization[5:].decode("latin-1"), content_length
-
-
-def _header(scope: _Scope, name: bytes) -> bytes:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return b""
+    return authorization[5:].decode("latin-1"), content_length, content_type
 
 
 async def _read_body(receive: _Receive, limit: int) -> bytes | None:

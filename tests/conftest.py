@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -13,6 +15,7 @@ import pytest
 import uvicorn
 
 import gateway
+import security
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -64,3 +67,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclasses.dataclass
+class Secured:
+    app: gateway.Gateway
+    settings: gateway.Settings
+    keystore: security.Keystore
+    cred: Path  # a credential file for the tenant "acme", whose url is the server's origin
+
+
+@contextlib.contextmanager
+def secured_server(folder: Path, tmp_path: Path) -> Iterator[Secured]:
+    """A gateway with STT1 on, serving ``folder`` on a free port chosen before the app is built
+    (the credential's url, the audience, names it), with a tenant ``acme`` and its credential."""
+    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"))
+    keystore = security.Keystore(settings.db)
+    kid, k = keystore.add_tenant("acme")
+    cred = tmp_path / "acme.json"
+    security.write_credential(
+        cred, security.Credential(stt=1, url=settings.audience, tid="acme", kid=kid, k=security.b64encode(k))
+    )
+    # Tokens of the boot second itself are refused with the memory store (PROTOCOL 3.3, the safer
+    # reading): this server's clock starts a second early instead of the test waiting.
+    guard = security.Security(keystore, security.MemoryReplayStore(), settings.audience, boot_time=time.time() - 1)
+    app = gateway.create_app(folder, settings=settings, security=guard)
+    server = uvicorn.Server(gateway._uvicorn_config(app, settings))
+    sock = gateway._listen("127.0.0.1", settings.port)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield Secured(app, settings, keystore, cred)
+    finally:
+        server.should_exit = True
+        thread.join(10)

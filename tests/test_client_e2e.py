@@ -7,45 +7,21 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 import client as stt1_client
-import gateway
 import security as s
-from conftest import FIXTURES, ROOT, free_port
+from conftest import FIXTURES, ROOT, free_port, secured_server
 
 
 @pytest.fixture
 def served(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A secured gateway on a free port, its keystore, and a credential file for tenant acme.
-
-    The port is chosen before the app, since the credential's url (the audience) names it.
-    """
-    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"))
-    keystore = s.Keystore(settings.db)
-    kid, k = keystore.add_tenant("acme")
-    cred = tmp_path / "acme.json"
-    s.write_credential(cred, s.Credential(stt=1, url=settings.audience, tid="acme", kid=kid, k=s.b64encode(k)))
-    # boot_time: tokens of the boot second itself are refused with the memory store (PROTOCOL 3.3,
-    # safer reading); start the clock of this test server a second early instead of waiting.
-    security = s.Security(keystore, s.MemoryReplayStore(), settings.audience, boot_time=time.time() - 1)
-    app = gateway.create_app(FIXTURES / "e2e", settings=settings, security=security)
-    server = uvicorn.Server(gateway._uvicorn_config(app, settings))
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [gateway._listen("127.0.0.1", settings.port)]}, daemon=True
-    )
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield keystore, cred
-    server.should_exit = True
-    thread.join(10)
+    with secured_server(FIXTURES / "e2e", tmp_path) as server:
+        yield server.keystore, server.cred
 
 
 def test_the_client_calls_and_verifies(served) -> None:  # type: ignore[no-untyped-def]

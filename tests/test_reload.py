@@ -13,8 +13,7 @@ import pytest
 
 import client as stt1_client
 import gateway
-import security as s
-from conftest import FIXTURES, free_port
+from conftest import FIXTURES, secured_server
 
 
 def module(version: int, name: str = "version") -> str:
@@ -80,30 +79,14 @@ def test_reloads_do_not_pile_up_in_sys_modules(tmp_path: Path) -> None:
 
 @pytest.fixture
 def live(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A secured gateway watching tmp_path/modules, and a credential for it."""
-    import uvicorn
-
+    """A secured gateway watching tmp_path/modules (a module `live` plus the e2e fixtures)."""
     folder = tmp_path / "modules"
     folder.mkdir()
     (folder / "live.py").write_text(module(0))
     shutil.copy(FIXTURES / "e2e" / "calls.py", folder / "calls.py")
-    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"))
-    keystore = s.Keystore(settings.db)
-    kid, k = keystore.add_tenant("acme")
-    cred = tmp_path / "acme.json"
-    s.write_credential(cred, s.Credential(stt=1, url=settings.audience, tid="acme", kid=kid, k=s.b64encode(k)))
-    security = s.Security(keystore, s.MemoryReplayStore(), settings.audience, boot_time=time.time() - 1)
-    app = gateway.create_app(folder, settings=settings, security=security)
-    server = uvicorn.Server(gateway._uvicorn_config(app, settings))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [gateway._listen("127.0.0.1", settings.port)]},
-                              daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    time.sleep(0.3)  # the watcher starts with the app; let it settle before the first change
-    yield folder, cred, app, settings
-    server.should_exit = True
-    thread.join(10)
+    with secured_server(folder, tmp_path) as server:
+        time.sleep(0.3)  # the watcher starts with the app; let it settle before the first change
+        yield folder, server.cred, server.app, server.settings
 
 
 def wait_for(check, seconds: float = 10.0) -> float:  # type: ignore[no-untyped-def]
