@@ -129,7 +129,7 @@ def test_serving_with_an_unusable_master_key_is_a_clean_startup_failure(tmp_path
         3, "gateway: GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
 
 
-def test_a_token_accepted_by_one_worker_is_refused_by_the_others(tmp_path: Path) -> None:
+def test_workers_share_replay_protection_and_each_reload_modules(tmp_path: Path) -> None:
     (tmp_path / "modules").mkdir()
     (tmp_path / "modules" / "where.py").write_text(
         "import os\n__all_exposed__ = ['pid']\n\n\ndef pid() -> int:\n    return os.getpid()\n")
@@ -164,6 +164,16 @@ def test_a_token_accepted_by_one_worker_is_refused_by_the_others(tmp_path: Path)
         token = fresh()
         statuses = [send(token)[0] for _ in range(20)]
         assert statuses.count(200) == 1 and statuses.count(401) == 19
+        # Each worker watches the folder on its own: after a save, every worker serves the change.
+        (tmp_path / "modules" / "where.py").write_text(
+            "import os\n__all_exposed__ = ['pid']\n\n\ndef pid() -> int:\n    return -os.getpid()\n")
+        deadline = time.monotonic() + 15
+        while True:
+            answers = [json.loads(send(fresh())[1])["results"] for _ in range(40)]
+            if all(pid < 0 for pid in answers) and len(set(answers)) == 2:
+                break
+            assert time.monotonic() < deadline, answers
+            time.sleep(0.05)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
