@@ -654,7 +654,6 @@ def write_credential(path: str | os.PathLike[str], credential: Credential) -> No
 # connection (the CLI, another worker) committed a change, checked at most once a second.
 
 GRACE_SECONDS = 600  # how long the old kid keeps working after its successor's first use
-STATES = ("active", "pending", "retiring", "retired")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -737,11 +736,9 @@ class KeyCache:
         self,
         keys: dict[tuple[str, str], CachedKey],
         functions: dict[str, frozenset[str] | None],
-        otp_tenants: frozenset[str],
     ) -> None:
         self.keys = keys
         self.functions = functions
-        self.otp_tenants = otp_tenants
 
 
 class Keystore:
@@ -953,11 +950,11 @@ class Keystore:
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
     def _cache_rows(self) -> tuple[list[Any], list[Any]]:
-        """(tid, functions JSON, has otp) per tenant; (tid, kid, sealed K, state, retire_at, parent)."""
+        """(tid, functions JSON) per tenant; (tid, kid, sealed K, state, retire_at, parent) per key."""
         db = self._db
         db.execute("BEGIN")
         try:
-            tenants = db.execute("SELECT tid, functions, otp_secret IS NOT NULL FROM tenants").fetchall()
+            tenants = db.execute("SELECT tid, functions FROM tenants").fetchall()
             rows = db.execute(
                 "SELECT tid, kid, secret, state, retire_at, parent FROM credentials WHERE state != 'retired'"
             ).fetchall()
@@ -976,8 +973,8 @@ class Keystore:
         for key in keys.values():
             if key.state == "active":
                 key.rk = successors.get(key.kid)
-        functions = {tid: None if names is None else frozenset(json.loads(names)) for tid, names, _ in tenants}
-        return KeyCache(keys, functions, frozenset(tid for tid, _, otp in tenants if otp))
+        functions = {tid: None if names is None else frozenset(json.loads(names)) for tid, names in tenants}
+        return KeyCache(keys, functions)
 
     def is_retired(self, tid: str, kid: str) -> bool:
         """For the alert log line only: was this kid ever ours and is now retired?"""
@@ -1218,8 +1215,7 @@ class RedisKeystore(Keystore):
     def _cache_rows(self) -> tuple[list[Any], list[Any]]:
         doc = self._reading()
         tenants = [
-            (tid, None if t["functions"] is None else json.dumps(t["functions"]), t["otp"] is not None)
-            for tid, t in doc["tenants"].items()
+            (tid, None if t["functions"] is None else json.dumps(t["functions"])) for tid, t in doc["tenants"].items()
         ]
         rows = [
             (c["tid"], kid, b64decode(c["secret"]), c["state"], c["retire_at"], c["parent"])
