@@ -526,6 +526,7 @@ class Gateway:
         self.settings = settings
         self.catalog = catalog  # replaced whole on every reload: one assignment, never edited
         self.modules = None if modules is None else Path(modules)
+        self.loaded_at = time.time()  # what the watcher compares mtimes with (create_app sets it exactly)
         self.reloads = 0
         self.dispatcher = Dispatcher(settings)
         self.access = AccessLog()
@@ -805,7 +806,10 @@ def create_app(
     settings = dataclasses.replace(settings or Settings(), **overrides)
     if security is None and settings.auth != "off":
         security = build_security(settings)
-    return Gateway(settings, load_modules(modules, settings.packages), security, modules)
+    loaded_at = time.time()
+    app = Gateway(settings, load_modules(modules, settings.packages), security, modules)
+    app.loaded_at = loaded_at
+    return app
 
 
 def open_keystore(settings: Settings) -> Keystore:
@@ -827,6 +831,9 @@ def build_security(settings: Settings) -> Security:
 #### Hot reload
 
 
+WATCH_DELAY = 0.5  # seconds: start-up first; the watcher's import and set-up come after
+
+
 async def watch_modules(gateway: Gateway, root: Path) -> None:
     """Swap in a new catalog whenever files under ``root`` change, for as long as it runs.
 
@@ -834,34 +841,43 @@ async def watch_modules(gateway: Gateway, root: Path) -> None:
     requests); a changed helper (a file or folder starting with ``_``) may be imported by any
     module, so it reloads them all. The new catalog replaces the old in one assignment, so a
     request in flight finishes on the function it started with.
-    """
-    from watchfiles import awatch
 
+    The watcher starts WATCH_DELAY after the app, so start-up serves sooner; files saved
+    since the modules were loaded are found by their mtimes and reloaded then, so none is missed.
+    """
+    await asyncio.sleep(WATCH_DELAY)
+    watchfiles = await asyncio.to_thread(importlib.import_module, "watchfiles")
     resolved = root.resolve()
-    async for changes in awatch(resolved, debounce=50, step=20, recursive=True):
-        parts = {Path(path).relative_to(resolved).parts for _, path in changes}
-        parts = {p for p in parts if p and p[-1].endswith(".py") and not any(s.startswith(".") for s in p)}
-        if not parts:
-            continue
-        started = time.perf_counter()
-        for p in parts:
-            # A pyc is trusted while the source's size and whole-second mtime match: two saves
-            # within a second with the same size would import the old code. Drop it.
-            with contextlib.suppress(OSError, ValueError):
-                os.unlink(importlib.util.cache_from_source(str(resolved.joinpath(*p))))
-        previous = gateway.catalog
-        if any(s.startswith("_") for p in parts for s in p):
-            catalog = await asyncio.to_thread(load_modules, root, gateway.settings.packages, previous=previous)
-        else:
-            changed = {str(root.joinpath(*p)) for p in parts}
-            catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
-        gateway.catalog = catalog
-        gateway.reloads += 1
-        log.info(
-            "reloaded %s in %.0f ms: %d functions, %d refused",
-            ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
-            len(catalog.functions), len(catalog.refused),
-        )  # fmt: skip
+    missed = {f.relative_to(resolved).parts for f in resolved.rglob("*.py") if f.stat().st_mtime >= gateway.loaded_at}
+    if missed:
+        await _reload(gateway, root, missed)
+    async for changes in watchfiles.awatch(resolved, debounce=50, step=20, recursive=True):
+        await _reload(gateway, root, {Path(path).relative_to(resolved).parts for _, path in changes})
+
+
+async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> None:
+    parts = {p for p in parts if p and p[-1].endswith(".py") and not any(s.startswith(".") for s in p)}
+    if not parts:
+        return
+    started = time.perf_counter()
+    for p in parts:
+        # A pyc is trusted while the source's size and whole-second mtime match: two saves
+        # within a second with the same size would import the old code. Drop it.
+        with contextlib.suppress(OSError, ValueError):
+            os.unlink(importlib.util.cache_from_source(str(root.resolve().joinpath(*p))))
+    previous = gateway.catalog
+    if any(s.startswith("_") for p in parts for s in p):
+        catalog = await asyncio.to_thread(load_modules, root, gateway.settings.packages, previous=previous)
+    else:
+        changed = {str(root.joinpath(*p)) for p in parts}
+        catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
+    gateway.catalog = catalog
+    gateway.reloads += 1
+    log.info(
+        "reloaded %s in %.0f ms: %d functions, %d refused",
+        ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
+        len(catalog.functions), len(catalog.refused),
+    )  # fmt: skip
 
 
 #### Serving

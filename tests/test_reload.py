@@ -85,7 +85,7 @@ def live(tmp_path: Path):  # type: ignore[no-untyped-def]
     (folder / "live.py").write_text(module(0))
     shutil.copy(FIXTURES / "e2e" / "calls.py", folder / "calls.py")
     with secured_server(folder, tmp_path) as server:
-        time.sleep(0.3)  # the watcher starts with the app; let it settle before the first change
+        time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher is up: the latencies below are its own
         yield folder, server.cred, server.app, server.settings
 
 
@@ -183,3 +183,12 @@ def test_no_reload_means_no_watcher(tmp_path: Path, serve) -> None:  # type: ign
     (tmp_path / "a.py").write_text(module(2))
     time.sleep(0.5)
     assert gw.post("/rest/version").json()["results"] == 1 and gw.app.reloads == 0
+
+
+def test_a_save_before_the_watcher_is_up_is_not_missed(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "a.py").write_text(module(1))
+    gw = serve(gateway.create_app(tmp_path, auth="off"))
+    time.sleep(0.05)  # after the modules were loaded, well before the watcher starts (WATCH_DELAY)
+    (tmp_path / "a.py").write_text(module(2))
+    wait_for(lambda: gw.post("/rest/version").json()["results"] == 2)
+    assert gw.app.reloads == 1
