@@ -65,6 +65,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # read) are defined in security.py beside the code that writes them.
 
 STARTUP_FAILURE = 3  # exit code for "could not start", as uvicorn uses
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 #### Configuration
@@ -521,7 +522,8 @@ class Gateway:
     ):
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
-        from starlette.routing import Route
+        from starlette.routing import Mount, Route
+        from starlette.staticfiles import StaticFiles
 
         self.settings = settings
         self.catalog = catalog  # replaced whole on every reload: one assignment, never edited
@@ -534,7 +536,11 @@ class Gateway:
         wrap = security.wrap if isinstance(security, Security) else security
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
         self.site = Starlette(
-            routes=[Route("/healthz", self._healthz), Route("/openapi.json", self._openapi)],
+            routes=[
+                Route("/healthz", self._healthz),
+                Route("/openapi.json", self._openapi),
+                Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
+            ],
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
             lifespan=self._lifespan,
         )
