@@ -252,10 +252,13 @@ def test_503_when_the_concurrency_limit_is_reached(serve) -> None:  # type: igno
 
 def test_a_hung_thread_keeps_its_slot_until_it_returns(serve) -> None:  # type: ignore[no-untyped-def]
     gw = serve(gateway.create_app(FIXTURES / "e2e", concurrency=1, auth="off"))
-    assert error_of(gw.post("/rest/sync_nap", {"seconds": 0.6})) == (504, "timeout")
-    assert error_of(gw.post("/rest/add", {"a": 1, "b": 2})) == (503, "overloaded")
-    time.sleep(0.5)  # the thread ends on its own; only then is the slot free again
-    assert gw.post("/rest/add", {"a": 1, "b": 2}).status_code == 200
+    assert error_of(gw.post("/rest/sync_nap", {"seconds": 1.0})) == (504, "timeout")  # after 0.3 s
+    assert error_of(gw.post("/rest/add", {"a": 1, "b": 2})) == (503, "overloaded")  # the thread still sleeps
+    deadline = time.monotonic() + 5
+    while (answer := gw.post("/rest/add", {"a": 1, "b": 2})).status_code == 503:  # until the thread returns
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert answer.status_code == 200
 
 
 def test_a_client_that_disconnects_mid_body_does_not_hurt_the_server(gw) -> None:  # type: ignore[no-untyped-def]
