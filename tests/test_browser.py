@@ -12,7 +12,7 @@ import pytest
 from playwright.sync_api import Browser, sync_playwright
 
 import gateway
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, secured_server
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -62,3 +62,38 @@ def test_an_imported_secret_cannot_be_read_back(browser, serve, tmp_path: Path) 
     )
     assert outcome == [False, False]  # not extractable, and no copy of the raw secret kept beside it
     page.close()
+
+
+CALL = """async (credential) => {
+    const m = await import("/static/stt1.js");
+    const client = await m.Client.fromCredential(credential);
+    try { return ["ok", await client.call("add", null, { a: 2, b: 3 })]; }
+    catch (e) { return [e.constructor.name, e.status]; }
+}"""
+
+
+def test_a_real_call_verifies_and_a_tampered_answer_is_refused(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with secured_server(FIXTURES / "e2e", tmp_path) as server:
+        page = browser.new_page()
+        page.goto(f"{server.settings.audience}/healthz")
+        credential = server.cred.read_text()
+        assert page.evaluate(CALL, credential) == ["ok", 5]
+
+        def flip_a_body_byte(route):  # type: ignore[no-untyped-def]
+            response = route.fetch()
+            body = bytearray(response.body())
+            body[body.index(b"5")] = ord("6")  # {"results":6,...}: still valid JSON, no longer signed
+            route.fulfill(response=response, body=bytes(body))
+
+        page.route("**/rest/add/**", flip_a_body_byte)
+        assert page.evaluate(CALL, credential) == ["ResponseForged", 200]
+        page.unroute("**/rest/add/**")
+
+        def drop_the_token(route):  # type: ignore[no-untyped-def]
+            response = route.fetch()
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "stt1-response"}
+            route.fulfill(response=response, headers=headers)
+
+        page.route("**/rest/add/**", drop_the_token)
+        assert page.evaluate(CALL, credential) == ["ResponseForged", 200]
+        page.close()
