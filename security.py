@@ -757,6 +757,10 @@ class Keystore:
         self._db.execute("PRAGMA synchronous=FULL")  # keys are few and precious: every commit durable
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._init_cache()
+
+    def _init_cache(self) -> None:
+        """The request path's view of the store (see snapshot), shared by both backends."""
         self._lock = threading.RLock()
         self._cache: KeyCache | None = None
         self._version: object = None
@@ -1014,10 +1018,7 @@ class RedisKeystore(Keystore):
         self.clock = clock
         self._aead = AESGCM(master_key if master_key is not None else load_master_key(key_file_base))
         self._redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        self._lock = threading.RLock()
-        self._cache: KeyCache | None = None
-        self._version: object = None
-        self._checked = 0.0
+        self._init_cache()
 
     def close(self) -> None:
         self._redis.close()
