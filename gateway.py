@@ -66,6 +66,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STARTUP_FAILURE = 3  # exit code for "could not start", as uvicorn uses
 STATIC = Path(__file__).resolve().parent / "static"
+# The console handles keys: it runs only this origin's scripts, talks only to this origin, and
+# cannot be framed (clickjacking) or leak its URL to other sites.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 #### Configuration
@@ -539,6 +548,7 @@ class Gateway:
             routes=[
                 Route("/healthz", self._healthz),
                 Route("/openapi.json", self._openapi),
+                Route("/console", self._console),
                 Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
             ],
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
@@ -657,6 +667,7 @@ class Gateway:
                 "doc": fn.doc,
                 "var1": fn.first,
                 "arguments": msgspec.json.schema(fn.args_type, schema_hook=_schema_hook),
+                "otp": fn.otp,
             }
             for fn in self.catalog.functions.values()
             if fn.allows(caller)
@@ -673,6 +684,11 @@ class Gateway:
 
     async def _openapi(self, request: Any) -> Any:
         return _json_response(openapi(self.catalog))
+
+    async def _console(self, request: Any) -> Any:
+        from starlette.responses import FileResponse
+
+        return FileResponse(STATIC / "console.html", headers=CONSOLE_HEADERS)
 
     async def _http_error(self, request: Any, exc: Any) -> Any:
         codes = {404: "not_found", 405: "method_not_allowed"}
@@ -1119,7 +1135,8 @@ def _first_run(settings: Settings, keystore: Keystore) -> None:
         " (mode 0600: it is a secret).\nCall a function with the Python client:\n"
         f"  {python} client.py --cred demo-credential.json add --json '{body}'\n"
         "or with curl (a token is good for one call within 45 s):\n"
-        f"  eval \"$({python} gateway.py token --cred demo-credential.json POST /rest/add --data '{body}')\"\n",
+        f"  eval \"$({python} gateway.py token --cred demo-credential.json POST /rest/add --data '{body}')\"\n"
+        f"or in a browser: open {settings.audience}/console and choose demo-credential.json\n",
         flush=True,
     )
 

@@ -5,15 +5,16 @@
 // vectors (tests/vectors/stt1.json, tests/vectors/paseto/v3.json) are checked by
 // vector_tests.js in Node and in Chromium. Read top to bottom, in sections:
 //   errors, bytes (base64url, PAE), PASETO v3.local, STT1 keys, footer / assertions /
-//   payloads, tokens, credentials, the Client.
+//   payloads, tokens, credentials, keeping credentials (IndexedDB), the Client.
 //
 // Keys are non-extractable CryptoKeys wherever WebCrypto allows it: K is an HKDF base key,
 // each direction key K_dir an HMAC key derived from it. See DirectionKey for the one place
 // raw key bytes (the 30-second step key) briefly exist. WebCrypto exists only in a secure
 // context (https, or http://localhost).
 //
-//   const keys = await importCredential(credentialJsonText);   // the raw K is dropped here
-//   const gw = new Client(keys, { onRotate: async (rk, updated) => idbPut(updated) });
+//   const store = await KeyStore.open();
+//   const keys = (await store.load()) ?? (await store.save(await importCredential(jsonText)));
+//   const gw = new Client(keys, store.hooks());  // a rotated key is stored before it is used
 //   await gw.call("power", 3);                 // POST /rest/power/3
 //   await gw.call("add", null, { a: 1, b: 2 }); // POST /rest/add/ with {"a":1,"b":2}
 
@@ -35,6 +36,7 @@ export class GatewayError extends Error {
     this.status = status;
     this.code = code;
     this.requestId = null; // the X-Request-Id this client sent, to find the server's log line
+    this.verified = false; // true when the gateway signed this answer (a signed error is a fact, not a hint)
   }
   toString() {
     return `${this.name}: ${this.status} ${this.code}: ${this.message}`;
@@ -659,6 +661,88 @@ function checkCredentialKeys(c) {
   new URL(c.url); // a bad port or host throws here
 }
 
+// #### Keeping credentials: IndexedDB ######################################################
+
+function idbDone(request) {
+  return new Promise((resolve, reject) => {
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+}
+
+/**
+ * Credential keys kept in this browser's IndexedDB, one record per named slot. A record is
+ * what importCredential returns: ids, the url and non-extractable CryptoKeys. IndexedDB stores
+ * CryptoKeys by structured clone and hands them back still non-extractable, so a page can sign
+ * with a stored key after a reload but no script can read it. (The browser itself keeps the
+ * key material in its profile on disk, as it keeps cookies: guarding that is the OS account's
+ * job.) Writes use the "strict" durability hint: a rotated key must be on disk before the
+ * client signs with it (PROTOCOL.md 5.3).
+ */
+export class KeyStore {
+  static #STORE = "credentials";
+  #db;
+
+  constructor(internal, db) {
+    if (internal !== INTERNAL) throw new TypeError("use await KeyStore.open(name)");
+    this.#db = db;
+  }
+
+  /** Open (creating on first use) the database `name` of this origin. */
+  static async open(name = "stt1") {
+    if (!globalThis.indexedDB) throw new Error("IndexedDB is unavailable in this context");
+    const request = indexedDB.open(name, 1);
+    request.onupgradeneeded = () => request.result.createObjectStore(KeyStore.#STORE);
+    return new KeyStore(INTERNAL, await idbDone(request));
+  }
+
+  async #run(mode, action) {
+    const tx = this.#db.transaction(KeyStore.#STORE, mode, { durability: "strict" });
+    const result = idbDone(action(tx.objectStore(KeyStore.#STORE)));
+    await new Promise((resolve, reject) => {
+      tx.oncomplete = resolve;
+      tx.onerror = tx.onabort = () => reject(tx.error || new Error("IndexedDB transaction aborted"));
+    });
+    return result;
+  }
+
+  /** The keys in `slot`, checked as a Client checks them, or null when the slot is empty. */
+  async load(slot = "default") {
+    const record = await this.#run("readonly", (s) => s.get(slot));
+    if (record === undefined) return null;
+    checkCredentialKeys(record);
+    const next = record.next && Object.freeze({ kid: record.next.kid, key: record.next.key });
+    const keys = { stt: 1, url: record.url, tid: record.tid, kid: record.kid, key: record.key };
+    return Object.freeze(next ? { ...keys, next } : keys);
+  }
+
+  /** Store keys (from importCredential, or a Client's `updated`) in `slot`; returns them. */
+  async save(keys, slot = "default") {
+    checkCredentialKeys(keys);
+    const record = { stt: 1, url: keys.url, tid: keys.tid, kid: keys.kid, key: keys.key };
+    if (keys.next) record.next = { kid: keys.next.kid, key: keys.next.key };
+    await this.#run("readwrite", (s) => s.put(record, slot));
+    return keys;
+  }
+
+  /** Forget the keys in `slot` (this browser only: revoking is the gateway operator's). */
+  async delete(slot = "default") {
+    await this.#run("readwrite", (s) => s.delete(slot));
+  }
+
+  /** Client options that persist rotation and promotion in `slot`: new Client(keys, store.hooks()). */
+  hooks(slot = "default") {
+    return {
+      onRotate: (rk, updated) => this.save(updated, slot),
+      onPromote: (updated) => this.save(updated, slot),
+    };
+  }
+
+  close() {
+    this.#db.close();
+  }
+}
+
 // #### Client ###############################################################################
 
 // Python's urllib.parse.quote(text, safe=""): encodeURIComponent also leaves !'()* alone, so
@@ -666,8 +750,8 @@ function checkCredentialKeys(c) {
 const quote = (text) => encodeURIComponent(text).replace(/[!'()*]/g, (c) => "%" + c.charCodeAt(0).toString(16).toUpperCase());
 const IDENTIFIER_RE = /^[\p{ID_Start}_][\p{ID_Continue}]*$/u; // ~ Python's str.isidentifier
 
-/** "/rest/<func>/" or "/rest/<func>/<var1>", percent-encoded, ASCII only. */
-function restTarget(func, var1) {
+/** "/rest/<func>/" or "/rest/<func>/<var1>", percent-encoded, ASCII only: the target call() signs. */
+export function restTarget(func, var1) {
   if (typeof func !== "string" || !IDENTIFIER_RE.test(func)) throw new TypeError("a function name is an identifier");
   const target = `/rest/${quote(func)}/`;
   if (var1 === undefined || var1 === null) return target;
@@ -680,6 +764,13 @@ function restTarget(func, var1) {
   return target + quote(text);
 }
 
+function verifiedBadResponse(status, message) {
+  const err = new BadResponse(status, "bad_response", message);
+  err.verified = true;
+  return err;
+}
+
+/** The results of a verified answer, or the error it carries (marked verified). */
 function results(status, body) {
   let doc;
   try {
@@ -689,13 +780,15 @@ function results(status, body) {
   }
   if (status >= 200 && status < 300) {
     if (isObject(doc) && doc.valid === true && Object.hasOwn(doc, "results")) return doc.results;
-    throw new BadResponse(status, "bad_response", "a success without `results`");
+    throw verifiedBadResponse(status, "a success without `results`");
   }
   const e = isObject(doc) && doc.valid === false && isObject(doc.error) ? doc.error : null;
   if (!e || typeof e.code !== "string" || typeof e.message !== "string") {
-    throw new BadResponse(status, "bad_response", "an error without a JSON error body");
+    throw verifiedBadResponse(status, "an error without a JSON error body");
   }
-  throw new (SIGNED_ERRORS[status] || GatewayError)(status, e.code, e.message);
+  const err = new (SIGNED_ERRORS[status] || GatewayError)(status, e.code, e.message);
+  err.verified = true;
+  throw err;
 }
 
 /**

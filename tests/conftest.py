@@ -78,10 +78,11 @@ class Secured:
 
 
 @contextlib.contextmanager
-def secured_server(folder: Path, tmp_path: Path) -> Iterator[Secured]:
+def secured_server(folder: Path, tmp_path: Path, public_url: str = "") -> Iterator[Secured]:
     """A gateway with STT1 on, serving ``folder`` on a free port chosen before the app is built
-    (the credential's url, the audience, names it), with a tenant ``acme`` and its credential."""
-    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"))
+    (the credential's url, the audience, names it unless ``public_url`` does: a proxy in front),
+    with a tenant ``acme`` and its credential."""
+    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"), public_url=public_url)
     keystore = security.Keystore(settings.db)
     kid, k = keystore.add_tenant("acme")
     cred = tmp_path / "acme.json"

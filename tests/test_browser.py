@@ -3,21 +3,29 @@ browser), against a real gateway on a loopback port: WebCrypto needs a secure co
 http://127.0.0.1 is one."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+import uvicorn
+from playwright.sync_api import Browser, Page, sync_playwright
 
 import gateway
-from conftest import FIXTURES, ROOT, secured_server
+import security
+from conftest import FIXTURES, ROOT, Secured, free_port, secured_server
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 VECTORS = ROOT / "tests" / "vectors"
+ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots, kept by CI as test artifacts (gitignored)
 
 
 @pytest.fixture(scope="module")
@@ -64,36 +72,244 @@ def test_an_imported_secret_cannot_be_read_back(browser, serve, tmp_path: Path) 
     page.close()
 
 
-CALL = """async (credential) => {
-    const m = await import("/static/stt1.js");
-    const client = await m.Client.fromCredential(credential);
-    try { return ["ok", await client.call("add", null, { a: 2, b: 3 })]; }
-    catch (e) { return [e.constructor.name, e.status]; }
+
+# #### The console, behind a proxy that can tamper with answers in transit ####################
+
+
+class TamperingProxy:
+    """A reverse proxy in front of the gateway, as nginx would be, that can alter the answers of
+    function calls on their way back: "flip" changes one digit of the body, "drop" removes the
+    STT1-Response header. Everything else passes unchanged."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.mode = "pass"
+
+    async def __call__(self, scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        assert scope["type"] == "http"
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        headers = [(k, v) for k, v in scope["headers"] if k not in (b"host", b"connection", b"content-length")]
+        async with httpx.AsyncClient() as upstream:
+            answer = await upstream.request(scope["method"], self.upstream + target.decode(), headers=headers,
+                                            content=body)
+        out, content = list(answer.headers.raw), answer.content
+        if scope["path"].startswith("/rest/") and scope["path"] != "/rest/":
+            if self.mode == "flip":
+                at = next(i for i, byte in enumerate(content) if chr(byte).isdigit())
+                content = content[:at] + str((int(chr(content[at])) + 1) % 10).encode() + content[at + 1:]
+            elif self.mode == "drop":
+                out = [(k, v) for k, v in out if k.lower() != b"stt1-response"]
+        out = [(k, v) for k, v in out if k.lower() not in (b"content-length", b"connection", b"date", b"server")]
+        await send({"type": "http.response.start", "status": answer.status_code,
+                    "headers": [*out, (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+
+@dataclasses.dataclass
+class Console:
+    url: str  # the proxy's origin: the console's, and the credential's audience
+    gateway: Secured
+    proxy: TamperingProxy
+
+
+@pytest.fixture
+def console(tmp_path: Path) -> Iterator[Console]:
+    """The example modules behind STT1 and a tampering proxy; tenant acme's credential names the proxy."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with secured_server(ROOT / "modules", tmp_path, public_url=url) as secured:
+        proxy = TamperingProxy(f"http://127.0.0.1:{secured.settings.port}")
+        server = uvicorn.Server(uvicorn.Config(proxy, log_level="warning", lifespan="off"))
+        sock = gateway._listen("127.0.0.1", port)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.01)
+        try:
+            yield Console(url, secured, proxy)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+
+
+@contextlib.contextmanager
+def console_page(browser: Browser, console: Console) -> Iterator[Page]:
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    # Chromium logs each 4xx answer as "Failed to load resource"; those are the calls under test.
+    page.on("console", lambda msg: errors.append(msg.text)
+            if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
+    page.goto(f"{console.url}/console")
+    page.wait_for_selector("body[data-ready=yes]")
+    try:
+        yield page
+    finally:
+        page.close()
+    assert errors == []  # no script error, and no CSP violation (Chromium logs those as errors)
+
+
+def load_credential(page: Page, credential: Path) -> None:
+    page.set_input_files("#credential-file", str(credential))
+    page.wait_for_selector("form[data-function=add]")
+
+
+def click_call(page: Page, function: str, **fields: str) -> dict[str, str]:
+    """Fill a function's form, press Call, and read the outcome as the user sees it."""
+    form = page.locator(f"form[data-function={function}]")
+    for name, value in fields.items():
+        form.locator(f"#f-{function}-{name}").fill(value)
+    form.locator(".outcome").evaluate("box => { box.hidden = true; delete box.dataset.state; }")
+    form.get_by_role("button", name="Call").click()
+    form.locator(".outcome[data-state]").wait_for()
+    read = form.locator(".outcome").evaluate(
+        """box => ({state: box.dataset.state, verdict: box.querySelector(".verdict").textContent,
+                   message: box.querySelector(".message")?.textContent ?? "",
+                   result: box.querySelector(".result").textContent,
+                   target: box.closest("form").querySelector(".target").textContent})"""
+    )
+    return dict(read)
+
+
+def test_the_console_is_served_with_a_strict_policy(console: Console) -> None:
+    answer = httpx.get(f"{console.url}/console")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    policy = answer.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "http" not in policy  # no inline script, no other origin, no CDN
+    assert answer.headers["x-content-type-options"] == "nosniff"
+    assert "<script type=\"module\" src=\"/static/console.js\">" in answer.text
+
+
+def test_a_call_through_the_console_by_click(browser: Browser, console: Console) -> None:
+    with console_page(browser, console) as page:
+        assert page.get_by_test_id("who").text_content() == "No credential loaded"
+        load_credential(page, console.gateway.cred)
+        shown = page.locator("#catalog form").evaluate_all("forms => forms.map(f => f.dataset.function)")
+        with httpx.Client() as plain:
+            everything = set(plain.get(f"{console.url}/openapi.json").json()["paths"])
+        assert sorted(shown) == sorted(p.split("/")[2] for p in everything)  # acme may call all, reserve too
+        assert page.get_by_test_id("tenant").text_content() == "acme"
+
+        outcome = click_call(page, "add", a="2", b="3")
+        assert outcome["state"] == "verified" and outcome["result"] == "5"
+        assert outcome["verdict"] == "Verified: signed by the gateway for this call"
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.locator("form[data-function=add]").scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+
+        power = click_call(page, "power", base="3")  # var1 goes in the URL
+        assert (power["state"], power["result"], power["target"]) == ("verified", "9", "/rest/power/3")
+        stats = click_call(page, "describe", values="[1, 2, 6]")  # a list: in the body, not the URL
+        assert (stats["target"], json.loads(stats["result"])["median"]) == ("/rest/describe/", 2)
+        failed = click_call(page, "describe", values="[]")  # the function raises: a signed 500, no traceback
+        assert failed["state"] == "verified-error" and failed["message"].startswith("The function failed on the server")
+        words = click_call(page, "add", a="1", b="")  # b left out: the gateway's 422, signed, in plain words
+        assert words["state"] == "verified-error"
+        assert words["message"] == "The arguments do not fit this function: Object missing required field `b`."
+        typo = click_call(page, "is_prime", n="seven")  # refused before anything is sent
+        assert (typo["state"], typo["message"]) == ("unsent", 'n must be a whole number; "seven" is not.')
+
+        page.set_viewport_size({"width": 390, "height": 844})  # a phone
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        box = page.locator("form[data-function=add]").bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+        page.screenshot(path=str(ARTIFACTS / "console-phone.png"), full_page=True)
+
+
+def test_the_console_refuses_answers_tampered_in_transit(browser: Browser, console: Console) -> None:
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        console.proxy.mode = "flip"  # {"results":5,...} becomes {"results":6,...}: valid JSON, not signed
+        flipped = click_call(page, "add", a="2", b="3")
+        assert (flipped["state"], flipped["result"]) == ("forged", "")  # the 6 is never shown
+        assert flipped["verdict"] == "Forged: not signed by the gateway for this call"
+        assert "thrown away unread" in flipped["message"]
+        console.proxy.mode = "drop"
+        assert click_call(page, "add", a="2", b="3")["state"] == "forged"
+        console.proxy.mode = "pass"
+        assert click_call(page, "add", a="2", b="3")["result"] == "5"
+
+
+def test_a_rotated_key_is_adopted_and_survives_a_reload(browser: Browser, console: Console) -> None:
+    keystore = console.gateway.keystore
+    old = security.read_credential(console.gateway.cred)
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        [(_, _, new)] = keystore.rotate("acme")
+        assert click_call(page, "add", a="1", b="1")["result"] == "2"  # the answer carries rk: stored first
+        assert page.get_by_test_id("kid").text_content() == f"{old.kid} (rotating to {new})"
+        assert "rotated this tenant's key" in page.get_by_test_id("notice").text_content()
+        assert click_call(page, "add", a="1", b="2")["result"] == "3"  # signed with the new kid: promoted
+        assert page.get_by_test_id("kid").text_content() == new
+
+        page.reload()
+        page.wait_for_selector("body[data-ready=yes]")
+        page.wait_for_selector("form[data-function=add]")  # no file chosen: the stored key is in use
+        assert page.get_by_test_id("kid").text_content() == new
+        assert click_call(page, "add", a="2", b="2")["result"] == "4"
+    states = {row["kid"]: row["state"] for row in keystore.rows()}
+    assert states == {old.kid: "retiring", new: "active"}
+
+
+STORED = """async (secret) => {
+    const found = {records: 0, keys: 0, readable: [], copies: []};
+    const walk = async (value, where) => {
+        if (value instanceof CryptoKey) {
+            found.keys++;
+            if (value.extractable) found.readable.push(where);
+            try { await crypto.subtle.exportKey("raw", value); found.readable.push(where); } catch {}
+        } else if (typeof value === "string") {
+            if (value.includes(secret)) found.copies.push(where);
+        } else if (value instanceof ArrayBuffer || ArrayBuffer.isView(value)) {
+            found.copies.push(where + " (bytes)");  // no raw bytes of any kind are stored
+        } else if (value && typeof value === "object") {
+            for (const [k, v] of Object.entries(value)) await walk(v, where + "." + k);
+        }
+    };
+    for (const info of await indexedDB.databases()) {
+        const done = (r) => new Promise((ok, no) => { r.onsuccess = () => ok(r.result); r.onerror = no; });
+        const db = await done(indexedDB.open(info.name));
+        for (const name of db.objectStoreNames) {
+            const all = await done(db.transaction(name).objectStore(name).getAll());
+            for (const record of all) { found.records++; await walk(record, info.name + "/" + name); }
+        }
+        db.close();
+    }
+    found.webStorage = localStorage.length + sessionStorage.length;
+    return found;
 }"""
 
 
-def test_a_real_call_verifies_and_a_tampered_answer_is_refused(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    with secured_server(FIXTURES / "e2e", tmp_path) as server:
-        page = browser.new_page()
-        page.goto(f"{server.settings.audience}/healthz")
-        credential = server.cred.read_text()
-        assert page.evaluate(CALL, credential) == ["ok", 5]
+def test_the_raw_secret_cannot_be_read_back_from_indexeddb(browser: Browser, console: Console) -> None:
+    secret = security.read_credential(console.gateway.cred).k
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        console.gateway.keystore.rotate("acme")
+        click_call(page, "add", a="1", b="1")  # the stored record now holds the current and the next key
+        found = page.evaluate(STORED, secret)
+    assert (found["records"], found["keys"]) == (1, 2)
+    assert found["readable"] == [] and found["copies"] == [] and found["webStorage"] == 0
 
-        def flip_a_body_byte(route):  # type: ignore[no-untyped-def]
-            response = route.fetch()
-            body = bytearray(response.body())
-            body[body.index(b"5")] = ord("6")  # {"results":6,...}: still valid JSON, no longer signed
-            route.fulfill(response=response, body=bytes(body))
 
-        page.route("**/rest/add/**", flip_a_body_byte)
-        assert page.evaluate(CALL, credential) == ["ResponseForged", 200]
-        page.unroute("**/rest/add/**")
-
-        def drop_the_token(route):  # type: ignore[no-untyped-def]
-            response = route.fetch()
-            headers = {k: v for k, v in response.headers.items() if k.lower() != "stt1-response"}
-            route.fulfill(response=response, headers=headers)
-
-        page.route("**/rest/add/**", drop_the_token)
-        assert page.evaluate(CALL, credential) == ["ResponseForged", 200]
-        page.close()
+def test_the_console_explains_a_bad_file_and_a_credential_for_another_gateway(browser: Browser,
+                                                                               console: Console) -> None:
+    with console_page(browser, console) as page:
+        page.set_input_files("#credential-file", files=[{"name": "notes.json", "mimeType": "application/json",
+                                                         "buffer": b'{"hello": "world"}'}])
+        notice = page.get_by_test_id("notice")
+        notice.wait_for()
+        assert notice.text_content() == "notes.json is not a gateway credential (unknown field hello)."
+        other = json.loads(console.gateway.cred.read_text()) | {"url": "https://api.example.com"}
+        page.set_input_files("#credential-file", files=[{"name": "other.json", "mimeType": "application/json",
+                                                         "buffer": json.dumps(other).encode()}])
+        page.wait_for_function("document.getElementById('notice').textContent.includes('example.com')")
+        assert notice.text_content() == (f"This credential is for https://api.example.com, but this console belongs "
+                                         f"to {console.url}. Open https://api.example.com/console to use it.")
+        assert page.get_by_test_id("load").is_visible()  # nothing loaded, nothing stored

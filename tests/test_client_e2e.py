@@ -124,9 +124,12 @@ def test_the_readme_first_run(tmp_path: Path) -> None:
             env=env,
         )
         assert curl.stdout == '{"results":3.0,"valid":true}', curl.stderr
+        page = httpx.get(f"http://127.0.0.1:{port}/console")  # the printed browser route (tests/test_browser.py)
+        assert page.status_code == 200 and "<title>Gateway console</title>" in page.text
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=20)
     assert process.returncode == 0
     assert "First run: created gateway.db with the tenant 'demo'" in output
     assert 'client.py --cred demo-credential.json add --json \'{"a": 1, "b": 2}\'' in output
+    assert f"open http://127.0.0.1:{port}/console and choose demo-credential.json" in output
