@@ -416,7 +416,23 @@ def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> di
     try:
         return fn.decode_args(body or b"{}")
     except msgspec.ValidationError as exc:
+        # JSON has one kind of number: 2.0 is the integer 2, as JSON Schema (so /openapi.json)
+        # says, but msgspec's strict mode wants it spelled 2. Only on that refusal, try once more
+        # with whole floats as ints; any other refusal stands, with its own message.
+        if "got `float`" in str(exc):
+            with contextlib.suppress(msgspec.ValidationError):
+                return fn.decode_args(msgspec.json.encode(_whole_floats_as_ints(decode_object(body))))
         raise GatewayError(422, "invalid_arguments", str(exc)) from None
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    return value
 
 
 def decode_object(body: bytes) -> dict[str, Any]:
