@@ -559,6 +559,7 @@ class Gateway:
         self.access = AccessLog()
         self.security = security if isinstance(security, Security) else None
         wrap = security.wrap if isinstance(security, Security) else security
+        self.secured = wrap is not None  # /rest needs a token: what /openapi.json tells clients
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
         self.site = Starlette(
             routes=[
@@ -699,7 +700,7 @@ class Gateway:
         )
 
     async def _openapi(self, request: Any) -> Any:
-        return _json_response(openapi(self.catalog))
+        return _json_response(openapi(self.catalog, secured=self.secured))
 
     async def _console(self, request: Any) -> Any:
         from starlette.responses import FileResponse
@@ -775,18 +776,24 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
             return b"".join(chunks)
 
 
-def openapi(catalog: Catalog) -> dict[str, Any]:
-    """OpenAPI 3.1, one operation per function, schemas from the type hints via msgspec."""
+def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
+    """OpenAPI 3.1, one operation per function, schemas from the type hints via msgspec.
+
+    It lists every status the endpoint can answer, with the error body and the headers each
+    one carries, so a client (or a schema-driven tester) can rely on it. ``secured``: STT1 is
+    on, so calls need a token and answers past the token check are signed.
+    """
     functions = sorted(catalog.functions.values(), key=lambda fn: fn.name)
     returns = [Result[fn.returns] for fn in functions]  # type: ignore[name-defined]
     schemas, components = msgspec.json.schema_components(
-        [fn.args_type for fn in functions] + returns + [Error],
+        [fn.args_type for fn in functions] + returns,
         ref_template="#/components/schemas/{name}",
         schema_hook=_schema_hook,
     )
     for schema in schemas[: len(functions)]:
         components[schema["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
-    error = {"application/json": {"schema": schemas[-1]}}
+    # Without STT1 nothing checks tokens or counts failures: no 401, no 429.
+    statuses = {status: name for status, (name, _, _) in _ERRORS.items() if secured or status not in (401, 429)}
     paths = {
         f"/rest/{fn.name}/": {
             "post": {
@@ -794,39 +801,110 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
                 "summary": fn.doc.split("\n", 1)[0] if fn.doc else fn.name,
                 "description": fn.doc
                 + (f"\n\n`POST /rest/{fn.name}/{{{fn.first}}}` binds `{fn.first}` from the URL." if fn.first else ""),
-                "requestBody": {"required": False, "content": {"application/json": {"schema": args}}},
+                # An empty body is `{}`: it is only optional when every argument has a default.
+                "requestBody": {
+                    "required": bool(components[args["$ref"].rsplit("/", 1)[1]].get("required")),
+                    "content": {"application/json": {"schema": args}},
+                },
                 "responses": {
-                    "200": {"description": "the function's result", "content": {"application/json": {"schema": ret}}},
-                    "default": {"description": "an error", "content": error},
+                    "200": {
+                        "description": "the function's result",
+                        "headers": _headers(secured, signed=True),
+                        "content": {"application/json": {"schema": ret}},
+                    },
+                    **{str(status): {"$ref": f"#/components/responses/{name}"} for status, name in statuses.items()},
                 },
             }
         }
-        for fn, args, ret in zip(functions, schemas[: len(functions)], schemas[len(functions) : -1], strict=True)
+        for fn, args, ret in zip(functions, schemas[: len(functions)], schemas[len(functions) :], strict=True)
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "gateway", "version": "1"},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "responses": {name: _error_response(status, secured) for status, name in statuses.items()},
+        },
     }
+    if secured:
+        document["security"] = [{"STT1": []}]
+        document["components"]["securitySchemes"] = {
+            "STT1": {
+                "type": "http",
+                "scheme": "STT1",
+                "description": "`Authorization: STT1 <token>`: a single-use PASETO v3.local token bound to this "
+                "request's method, target, content type and body (PROTOCOL.md). Answers past the token check "
+                "carry the gateway's token in `STT1-Response`.",
+            }
+        }
+    return document
+
+
+# Every error a function's endpoint can answer: (name in components.responses, code, when).
+_ERRORS: dict[int, tuple[str, str, str]] = {
+    400: ("BadJson", "bad_json", "the body is not a JSON object"),
+    401: ("Unauthorized", "unauthorized", "any token failure, or a missing or reused second factor"),
+    404: ("NotFound", "not_found", "no such function, or one this tenant may not call"),
+    413: ("TooLarge", "too_large", "the body is over the size limit; refused before it is read"),
+    415: ("UnsupportedMediaType", "unsupported_media_type", "a body that is not application/json"),
+    422: ("InvalidArguments", "invalid_arguments", "binding or validation failed; the message names the field"),
+    429: ("Throttled", "throttled", "too many failed calls from this address or for this tenant"),
+    500: ("InternalError", "internal_error", "the function raised, or returned something JSON cannot carry"),
+    503: ("Overloaded", "overloaded", "too many calls in progress, or the key or replay store is unavailable"),
+    504: ("Timeout", "timeout", "the call exceeded its timeout"),
+}
+# Answered before the request's token is verified, so never signed (PROTOCOL.md 3.11) ...
+_UNSIGNED = {413, 429}
+# ... or either way: a bad token is not signed, a replayed one or a missing second factor is;
+# an unavailable keystore is not, a full concurrency limit or replay store is.
+_SOMETIMES_SIGNED = {401, 503}
+
+
+def _headers(secured: bool, signed: bool) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        "X-Request-Id": {
+            "description": "the id of this request in the server log: the caller's own when it is safe to log",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        }
+    }
+    if secured and signed:
+        headers["STT1-Response"] = {
+            "description": "the gateway's token over this status, content type and body, bound to the request's",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^v3\\.local\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$"},
+        }
+    return headers
+
+
+def _error_response(status: int, secured: bool) -> dict[str, Any]:
+    """A response object for one error status: its body, ``{"valid": false, "error": {...}}``."""
+    _, code, when = _ERRORS[status]
+    headers = _headers(secured, signed=status not in _UNSIGNED)
+    if status in _SOMETIMES_SIGNED and "STT1-Response" in headers:
+        headers["STT1-Response"]["required"] = False
+    if status == 401:
+        headers["WWW-Authenticate"] = {"required": True, "schema": {"const": "STT1"}}
+    elif status == 429:
+        headers["Retry-After"] = {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+    detail = {"code": {"const": code}, "message": {"type": "string"}}
+    error = {"type": "object", "properties": detail, "required": ["code", "message"], "additionalProperties": False}
+    body = {
+        "type": "object",
+        "properties": {"valid": {"const": False}, "error": error},
+        "required": ["valid", "error"],
+        "additionalProperties": False,
+    }
+    return {"description": when, "headers": headers, "content": {"application/json": {"schema": body}}}
 
 
 T = typing.TypeVar("T")
 
 
-class Result(msgspec.Struct, typing.Generic[T]):
+class Result(msgspec.Struct, typing.Generic[T], forbid_unknown_fields=True):
     results: T
-    valid: bool = True
-
-
-class ErrorDetail(msgspec.Struct):
-    code: str
-    message: str
-
-
-class Error(msgspec.Struct):
-    valid: bool
-    error: ErrorDetail
+    valid: typing.Literal[True]
 
 
 def create_app(

@@ -305,6 +305,44 @@ def test_openapi_is_valid_and_has_one_operation_per_function(serve, folder) -> N
     assert add_args["additionalProperties"] is False and add_args["required"] == ["a", "b"]
 
 
+def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
+    catalog = gateway.load_modules(FIXTURES / "e2e")
+    secured, open_ = gateway.openapi(catalog, secured=True), gateway.openapi(catalog, secured=False)
+    validate(secured)
+    validate(open_)
+    add = secured["paths"]["/rest/add/"]["post"]
+    assert add["requestBody"]["required"] is True  # `{}` would miss a and b: a 422
+    assert secured["paths"]["/rest/nothing/"]["post"]["requestBody"]["required"] is False
+    assert sorted(add["responses"]) == ["200", "400", "401", "404", "413", "415", "422", "429", "500", "503", "504"]
+    assert sorted(open_["paths"]["/rest/add/"]["post"]["responses"]) == sorted(
+        set(add["responses"]) - {"401", "429"}  # nothing checks tokens or counts failures
+    )
+    assert secured["security"] == [{"STT1": []}] and "security" not in open_
+    scheme = secured["components"]["securitySchemes"]["STT1"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "STT1")
+    ok = add["responses"]["200"]
+    assert ok["headers"]["STT1-Response"]["required"] is True
+    assert list(open_["paths"]["/rest/add/"]["post"]["responses"]["200"]["headers"]) == ["X-Request-Id"]
+    result = secured["components"]["schemas"][ok["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert result["required"] == ["results", "valid"] and result["properties"]["valid"] == {"enum": [True]}
+    responses = secured["components"]["responses"]
+    too_large, unauthorized, throttled = responses["TooLarge"], responses["Unauthorized"], responses["Throttled"]
+    assert "STT1-Response" not in too_large["headers"]  # refused before the token is checked: never signed
+    assert unauthorized["headers"]["STT1-Response"]["required"] is False  # a replay is signed, a bad token not
+    assert unauthorized["headers"]["WWW-Authenticate"] == {"required": True, "schema": {"const": "STT1"}}
+    assert throttled["headers"]["Retry-After"]["required"] is True
+    body = responses["Timeout"]["content"]["application/json"]["schema"]
+    assert body["properties"] == {
+        "valid": {"const": False},
+        "error": {
+            "type": "object",
+            "properties": {"code": {"const": "timeout"}, "message": {"type": "string"}},
+            "required": ["code", "message"],
+            "additionalProperties": False,
+        },
+    }
+
+
 def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: ignore[no-untyped-def]
     gw = serve(gateway.create_app(ROOT / "modules", auth="off"))
     assert gw.post("/rest/add", {"a": 1, "b": 2}).json() == {"results": 3.0, "valid": True}
