@@ -357,3 +357,36 @@ def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: 
     response = gw.post("/rest/is_prime", {"n": 2**89 - 1})
     assert error_of(response) == (422, "invalid_arguments")
     assert response.json()["error"]["message"] == "Expected `int` <= 1000000000000 - at `$.n`"
+
+
+@pytest.mark.parametrize(
+    ("function", "arguments", "message"),
+    [  # each answered 500 (or `null` for a number) before its hints said what it takes
+        ("describe", {"values": []}, "Expected `array` of length >= 1 - at `$.values`"),
+        ("describe", {"values": [1.7e308, 1.7e308]}, "Expected `float` <= 1e+300 - at `$.values[0]`"),
+        ("add", {"a": 1.7e308, "b": 1.7e308}, "Expected `float` <= 1e+300 - at `$.a`"),
+        ("power", {"base": 2.5e183}, "Expected `float` <= 1000000.0 - at `$.base`"),
+        ("power", {"base": 0, "exponent": -1}, "Expected `int` >= 0 - at `$.exponent`"),
+        ("reserve", {"sku": "apple", "qty": 0}, "Expected `int` >= 1 - at `$.qty`"),
+    ],
+)
+def test_the_example_modules_refuse_what_they_cannot_answer_with_a_422(  # type: ignore[no-untyped-def]
+    serve, function: str, arguments: dict, message: str
+) -> None:
+    gw = serve(gateway.create_app(ROOT / "modules", security=tenant_from_header, auth="off"))
+    response = gw.post(f"/rest/{function}", arguments, headers={"x-test-tenant": "acme"})
+    assert error_of(response) == (422, "invalid_arguments")
+    assert response.json()["error"]["message"] == message
+
+
+def test_reserve_takes_all_or_nothing_and_says_which(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(ROOT / "modules", security=tenant_from_header, auth="off"))
+    acme = {"x-test-tenant": "acme"}
+    assert gw.post("/rest/reserve", {"sku": "apple", "qty": 5}, headers=acme).json()["results"] == {
+        "sku": "apple",
+        "reserved": 5,
+        "left": 7,
+    }
+    short = gw.post("/rest/reserve", {"sku": "apple", "qty": 8}, headers=acme)  # a short stock is not a 500
+    assert short.json()["results"] == {"sku": "apple", "reserved": 0, "left": 7}
+    assert gw.post("/rest/stock_level/apple").json()["results"]["level"] == 7
