@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,11 +79,18 @@ class Secured:
 
 
 @contextlib.contextmanager
-def secured_server(folder: Path, tmp_path: Path, public_url: str = "") -> Iterator[Secured]:
+def secured_server(
+    folder: Path,
+    tmp_path: Path,
+    public_url: str = "",
+    throttle: security.Throttle | None = None,
+    **overrides: Any,
+) -> Iterator[Secured]:
     """A gateway with STT1 on, serving ``folder`` on a free port chosen before the app is built
     (the credential's url, the audience, names it unless ``public_url`` does: a proxy in front),
-    with a tenant ``acme`` and its credential."""
-    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"), public_url=public_url)
+    with a tenant ``acme`` and its credential. ``throttle``: failure limits other than the defaults;
+    ``overrides``: other Settings (max_body, concurrency, ...)."""
+    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"), public_url=public_url, **overrides)
     keystore = security.Keystore(settings.db)
     kid, k = keystore.add_tenant("acme")
     cred = tmp_path / "acme.json"
@@ -91,7 +99,14 @@ def secured_server(folder: Path, tmp_path: Path, public_url: str = "") -> Iterat
     )
     # Tokens of the boot second itself are refused with the memory store (PROTOCOL 3.3, the safer
     # reading): this server's clock starts a second early instead of the test waiting.
-    guard = security.Security(keystore, security.MemoryReplayStore(), settings.audience, boot_time=time.time() - 1)
+    guard = security.Security(
+        keystore,
+        security.MemoryReplayStore(),
+        settings.audience,
+        max_body=settings.max_body,
+        boot_time=time.time() - 1,
+        throttle=throttle,
+    )
     app = gateway.create_app(folder, settings=settings, security=guard)
     server = uvicorn.Server(gateway._uvicorn_config(app, settings))
     sock = gateway._listen("127.0.0.1", settings.port)
