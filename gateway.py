@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import math
 import os
 import pkgutil
 import re
@@ -40,6 +41,7 @@ import msgspec
 from security import (
     BODY_KEY,
     CALLER_KEY,
+    MAX_BODY_KEY,
     REQUEST_ID_KEY,
     TENANT_KEY,
     Credential,
@@ -91,7 +93,8 @@ class Settings:
     db: str = "gateway.db"
     workers: int = 1
     timeout: float = 30.0
-    max_body: int = 1 << 20
+    max_body: int = 1 << 20  # default for functions whose entry sets none
+    rate: float = 0  # default calls per second per tenant and function; 0: unlimited
     concurrency: int = 1024
     threads: int = 40
     log_level: str = "info"
@@ -134,6 +137,8 @@ class Entry(msgspec.Struct, forbid_unknown_fields=True):
     doc: str | None = None
     inline: bool = False
     otp: bool = False
+    max_body: typing.Annotated[int, msgspec.Meta(ge=0)] | None = None  # bytes; None: the global default
+    rate: typing.Annotated[float, msgspec.Meta(ge=0)] | None = None  # calls/s per tenant; 0: unlimited
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +154,8 @@ class Exposed:
     tenants: frozenset[str] | None  # None: every tenant
     doc: str
     otp: bool
+    max_body: int | None  # None: Settings.max_body
+    rate: float | None  # None: Settings.rate
     params: frozenset[str]
     first: str | None  # the parameter the URL's <var1> binds
     args_type: Any  # a TypedDict: what the arguments are decoded into
@@ -185,6 +192,11 @@ class Catalog:
 
     functions: dict[str, Exposed]
     refused: tuple[Refusal, ...]
+    max_body: int = dataclasses.field(init=False, default=0)  # the largest any entry allows
+
+    def __post_init__(self) -> None:
+        largest = max((fn.max_body or 0 for fn in self.functions.values()), default=0)
+        object.__setattr__(self, "max_body", largest)
 
 
 class Refused(Exception):
@@ -372,6 +384,8 @@ def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
         tenants=None if entry.tenants is None else frozenset(entry.tenants),
         doc=entry.doc if entry.doc is not None else inspect.cleandoc(func.__doc__ or ""),
         otp=entry.otp,
+        max_body=entry.max_body,
+        rate=entry.rate,
         params=frozenset(fields),
         first=first,
         args_type=args_type,
@@ -481,6 +495,28 @@ class Dispatcher:
             raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
 
 
+class RateLimits:
+    """Token buckets per (tenant, function): ``rate`` calls per second on average, in bursts
+    of up to ``max(rate, 1)``. Kept per process: with ``--workers N`` a tenant may reach N
+    times the rate (README, "Limits"). ``clock`` is a parameter so tests need not wait."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[tuple[str | None, str], tuple[float, float]] = {}  # -> (tokens, at)
+
+    def wait(self, tenant: str | None, function: str, rate: float) -> float:
+        """Take one call from the bucket: 0.0 if it may run now, else the seconds until one may."""
+        now = self.clock()
+        capacity = max(rate, 1.0)
+        tokens, at = self._buckets.get((tenant, function), (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * rate)
+        if tokens >= 1:
+            self._buckets[(tenant, function)] = (tokens - 1, now)
+            return 0.0
+        self._buckets[(tenant, function)] = (tokens, now)
+        return (1 - tokens) / rate
+
+
 #### HTTP
 
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
@@ -540,6 +576,7 @@ class Gateway:
         self.loaded_at = time.time()  # what the watcher compares mtimes with (create_app sets it exactly)
         self.reloads = 0
         self.dispatcher = Dispatcher(settings)
+        self.limits = RateLimits()
         self.access = AccessLog()
         self.security = security if isinstance(security, Security) else None
         wrap = security.wrap if isinstance(security, Security) else security
@@ -559,6 +596,9 @@ class Gateway:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path == "/rest" or path.startswith("/rest/")):
             scope[REQUEST_ID_KEY] = _request_id(scope)
+            # Read up to the largest limit of any function, for every path alike: a limit that
+            # depended on the URL would tell unauthenticated callers which functions exist.
+            scope[MAX_BODY_KEY] = max(self.settings.max_body, self.catalog.max_body)
             await self.rest(scope, receive, send)
         else:
             await self.site(scope, receive, send)
@@ -642,9 +682,7 @@ class Gateway:
         if method != "POST":
             allow = b"GET, POST" if func_name is None else b"POST"
             raise GatewayError(405, "method_not_allowed", f"use {allow.decode()}", ((b"allow", allow),))
-        body = (
-            scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, self.settings.max_body)
-        )
+        body = scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, scope[MAX_BODY_KEY])
         if body and content_type.split(b";", 1)[0].strip().lower() != _JSON:
             raise GatewayError(415, "unsupported_media_type", "send the arguments as application/json")
         if func_name is None:
@@ -655,6 +693,17 @@ class Gateway:
         fn = self.catalog.functions.get(func_name)
         if fn is None or not fn.allows(caller):
             raise GatewayError(404, "not_found", "no such function")
+        max_body = self.settings.max_body if fn.max_body is None else fn.max_body
+        if len(body) > max_body:
+            raise GatewayError(413, "too_large", f"`{fn.name}` accepts at most {max_body} bytes")
+        rate = self.settings.rate if fn.rate is None else fn.rate
+        if rate and (wait := self.limits.wait(caller and caller.tenant, fn.name, rate)):
+            raise GatewayError(
+                429,
+                "rate_limited",
+                f"`{fn.name}` allows {rate:g} calls per second; retry in {wait:.2g} s",
+                ((b"retry-after", str(math.ceil(wait)).encode()),),
+            )
         if fn.otp and (caller is None or not caller.check_otp()):
             raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
         kwargs = bind(fn, body, var1, func_name)
@@ -845,9 +894,7 @@ def open_keystore(settings: Settings) -> Keystore:
 
 def build_security(settings: Settings) -> Security:
     keystore = open_keystore(settings)
-    return Security(
-        keystore, open_replay_store(settings.replay, settings.db), settings.audience, max_body=settings.max_body
-    )
+    return Security(keystore, open_replay_store(settings.replay, settings.db), settings.audience)
 
 
 #### Hot reload
@@ -968,7 +1015,8 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("db", str, "keystore file (SQLite); its master key is <db>.key unless GATEWAY_MASTER_KEY is set"),
     ("workers", int, "processes serving the port (needs --replay sqlite)"),
     ("timeout", float, "seconds a call may take, unless its entry sets one"),
-    ("max_body", int, "largest request body in bytes"),
+    ("max_body", int, "largest request body in bytes, unless a function's entry sets max_body"),
+    ("rate", float, "calls per second per tenant and function, unless its entry sets rate (0: no limit)"),
     ("concurrency", int, "calls in progress (per process) before 503"),
     ("log_level", str, "debug, info, warning or error"),
     ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
@@ -1154,6 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("workers", "timeout", "max_body", "concurrency"):
         if getattr(settings, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be positive")
+    if settings.rate < 0:
+        return _fail("--rate must be 0 (no limit) or positive")
     if settings.auth not in ("stt1", "off"):
         return _fail("--auth must be stt1 or off")
     if settings.auth == "stt1":

@@ -1370,6 +1370,8 @@ REPLAY_TTL = 50  # a jti is remembered until iat + 50 (3.8): past every accepted
 CALLER_KEY = "gateway.caller"  # what the dispatcher reads: the verified Caller
 TENANT_KEY = "gateway.tenant"
 BODY_KEY = "gateway.body"
+MAX_BODY_KEY = "gateway.max_body"  # set by the gateway: the most it reads, the same for every path
+DEFAULT_MAX_BODY = 1 << 20  # when no gateway sets MAX_BODY_KEY
 REQUEST_ID_KEY = "gateway.request_id"
 
 _UNAUTHORIZED = b'{"valid":false,"error":{"code":"unauthorized","message":"missing, invalid or expired token"}}'
@@ -1440,18 +1442,11 @@ class Security:
         replay: MemoryReplayStore | SqliteReplayStore | Any,
         audience: str,
         *,
-        max_body: int = 1 << 20,
         clock: Callable[[], float] = time.time,
         boot_time: float | None = None,
         throttle: Throttle | None = None,
     ) -> None:
-        self.keystore, self.replay, self.audience, self.max_body, self.clock = (
-            keystore,
-            replay,
-            audience.rstrip("/"),
-            max_body,
-            clock,
-        )
+        self.keystore, self.replay, self.audience, self.clock = keystore, replay, audience.rstrip("/"), clock
         # A memory store forgets everything on restart: tokens minted before this process
         # started might have been used against the previous one, so they are refused (3.3).
         # The boot second itself counts as "before": the safer reading of "iat >= boot time".
@@ -1503,9 +1498,10 @@ class Security:
                         "ALERT request %s: retired kid %s of tenant %s was used", request_id.decode(), footer.kid, tid
                     )
                 raise _Refused("unknown, retired or expired kid")
-            if content_length is not None and content_length > self.max_body:  # 5
+            max_body = scope.get(MAX_BODY_KEY, DEFAULT_MAX_BODY)
+            if content_length is not None and content_length > max_body:  # 5
                 return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
-            body = await _read_body(receive, self.max_body)
+            body = await _read_body(receive, max_body)
             if body is None:
                 return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
             target = scope.get("raw_path") or scope["path"].encode()
