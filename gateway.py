@@ -41,6 +41,7 @@ import msgspec
 from security import (
     BODY_KEY,
     CALLER_KEY,
+    FAILURE_REASONS,
     MAX_BODY_KEY,
     REQUEST_ID_KEY,
     TENANT_KEY,
@@ -104,6 +105,7 @@ class Settings:
     keystore: str = ""  # "": SQLite at db; redis://...: one keystore shared by every host
     rotate_days: float = 0  # rotate credentials older than this many days; 0: only on demand
     reload: bool = True  # watch the modules folder and swap in what changed
+    metrics: bool = False  # serve GET /metrics (Prometheus text format)
 
     @property
     def audience(self) -> str:
@@ -579,6 +581,7 @@ class Gateway:
         self.limits = RateLimits()
         self.access = AccessLog()
         self.security = security if isinstance(security, Security) else None
+        self.metrics = Metrics(self) if settings.metrics else None
         wrap = security.wrap if isinstance(security, Security) else security
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
         self.site = Starlette(
@@ -586,6 +589,7 @@ class Gateway:
                 Route("/healthz", self._healthz),
                 Route("/openapi.json", self._openapi),
                 Route("/console", self._console),
+                *([Route("/metrics", self._metrics)] if self.metrics else []),
                 Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
             ],
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
@@ -599,7 +603,10 @@ class Gateway:
             # Read up to the largest limit of any function, for every path alike: a limit that
             # depended on the URL would tell unauthenticated callers which functions exist.
             scope[MAX_BODY_KEY] = max(self.settings.max_body, self.catalog.max_body)
-            await self.rest(scope, receive, send)
+            if self.metrics is None:
+                await self.rest(scope, receive, send)
+            else:
+                await self.metrics.track(self.rest, scope, receive, send)
         else:
             await self.site(scope, receive, send)
 
@@ -733,6 +740,13 @@ class Gateway:
 
     async def _openapi(self, request: Any) -> Any:
         return _json_response(openapi(self.catalog))
+
+    async def _metrics(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        assert self.metrics is not None
+        body, content_type = await asyncio.to_thread(self.metrics.render)  # a SQLite count may block
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     async def _console(self, request: Any) -> Any:
         from starlette.responses import FileResponse
@@ -897,6 +911,90 @@ def build_security(settings: Settings) -> Security:
     return Security(keystore, open_replay_store(settings.replay, settings.db), settings.audience)
 
 
+#### Metrics
+
+
+class Metrics:
+    """``GET /metrics`` in Prometheus text format (``--metrics``), through prometheus_client.
+
+    With ``--workers N`` the numbers must add up over every worker, whichever one answers the
+    scrape: prometheus_client's multiprocess mode does that through files in
+    PROMETHEUS_MULTIPROC_DIR (``main`` sets one up). Labels only ever take bounded values:
+    functions of the catalog (else "-"), verified tenants (else "-"), statuses, and
+    security.FAILURE_REASONS, so no request can add a series.
+    """
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+    def __init__(self, gateway: Gateway) -> None:
+        import prometheus_client as prom
+
+        self.gateway = gateway
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # One registry per app (tests build many); in multiprocess mode values live in files.
+        self.registry = None if self.multiprocess else prom.CollectorRegistry()
+        kw: dict[str, Any] = {"registry": self.registry}
+        self.requests = prom.Counter(
+            "gateway_requests", "Answers under /rest, by function, status and verified tenant",
+            ["function", "status", "tenant"], **kw,
+        )  # fmt: skip
+        self.latency = prom.Histogram(
+            "gateway_request_seconds", "Time from request to answer under /rest, by function", ["function"],
+            buckets=self.BUCKETS, **kw,
+        )  # fmt: skip
+        self.token_failures = prom.Counter(
+            "gateway_token_failures", "Requests refused before their call, by reason", ["reason"], **kw
+        )
+        self.reloads = prom.Counter("gateway_reloads", "Reloads of the modules folder since start", **kw)
+        last = {**kw, "multiprocess_mode": "mostrecent"}
+        self.functions = prom.Gauge("gateway_functions", "Functions served", **last)
+        self.refused = prom.Gauge("gateway_refused_modules", "Modules refused by the last load", **last)
+        self.replay_entries = prom.Gauge(
+            "gateway_replay_store_entries", "Token ids remembered by the replay store (memory, SQLite)", **last
+        )
+        for reason in FAILURE_REASONS:  # every reason present from the start, at 0
+            self.token_failures.labels(reason)
+        if gateway.security is not None:
+            gateway.security.on_failure = lambda reason: self.token_failures.labels(reason).inc()
+
+    async def track(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 500  # what the server answers if the app fails before it does
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            name = scope.get("gateway.function")
+            if name is None:  # refused before dispatch: the name the URL gives, if any
+                with contextlib.suppress(GatewayError):
+                    name = _split_rest_path(scope)[0]
+            function = name if name in self.gateway.catalog.functions else "-"
+            self.requests.labels(function, str(status), scope.get(TENANT_KEY, "-")).inc()
+            self.latency.labels(function).observe(time.perf_counter() - started)
+
+    def render(self) -> tuple[bytes, str]:
+        import prometheus_client as prom
+        from prometheus_client import multiprocess
+
+        catalog = self.gateway.catalog
+        self.functions.set(len(catalog.functions))
+        self.refused.set(len(catalog.refused))
+        store = self.gateway.security.replay if self.gateway.security is not None else None
+        if store is not None and hasattr(store, "__len__"):  # Redis: use a Redis exporter
+            self.replay_entries.set(len(store))
+        registry = self.registry
+        if registry is None:
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
+
+
 #### Hot reload
 
 
@@ -942,6 +1040,8 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
         catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
     gateway.catalog = catalog
     gateway.reloads += 1
+    if gateway.metrics is not None:
+        gateway.metrics.reloads.inc()
     log.info(
         "reloaded %s in %.0f ms: %d functions, %d refused",
         ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
@@ -1053,6 +1153,12 @@ def _parser() -> argparse.ArgumentParser:
         help="do not watch the modules folder for changes (env GATEWAY_RELOAD=0)",
     )
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        default=os.environ.get("GATEWAY_METRICS", "0").lower() in ("1", "true", "yes", "on"),
+        help="serve GET /metrics in Prometheus text format (env GATEWAY_METRICS=1)",
+    )
+    parser.add_argument(
         "--package",
         action="append",
         default=[p for p in os.environ.get("GATEWAY_PACKAGE", "").split(",") if p],
@@ -1084,7 +1190,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = {name: getattr(args, name) for name, _, _ in _OPTIONS}
-    return Settings(packages=tuple(args.package), reload=args.reload, **fields)
+    return Settings(packages=tuple(args.package), reload=args.reload, metrics=args.metrics, **fields)
 
 
 def _configure_logging(level: str) -> None:
@@ -1234,7 +1340,14 @@ def main(argv: list[str] | None = None) -> int:
     sock = _listen(settings.host, settings.port)
     config = _uvicorn_config("gateway:app_from_env", settings, factory=True, workers=settings.workers)
     log.info("serving %s on %s with %d workers", settings.modules, origin, settings.workers)
-    uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
+    with contextlib.ExitStack() as cleanup:
+        if settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # The workers add up their numbers through files here (see Metrics); a fresh folder per run.
+            import tempfile
+
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gateway-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
     return 0
 
 

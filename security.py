@@ -1402,7 +1402,30 @@ class Caller:
 
 
 class _Refused(Exception):
-    """A request that gets the one 401: the reason is for the log only."""
+    """A request that gets the one 401. The reason (one of FAILURE_REASONS) is counted in the
+    metrics and the detail logged; neither is ever told to the client."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+# Why a request was refused before its call, as counted by ``Security.on_failure``: a fixed
+# set, so a metric labelled with it stays small whatever clients send.
+FAILURE_REASONS = (
+    "missing",  # no Authorization header
+    "malformed",  # not one well-formed STT1 token, or a bad Content-Length
+    "direction",  # a response token sent as a request
+    "clock",  # iat outside the 45 s window
+    "before_boot",  # iat before this process started (memory replay store)
+    "unknown_kid",  # unknown, retired or expired key
+    "signature",  # the tag does not verify: tampered, another audience, another request
+    "replayed",  # a jti seen before
+    "throttled",  # too many failures from this address or for this tenant
+    "disconnected",  # the client went away before sending its body
+    "keystore_unavailable",  # fail closed: 503
+    "replay_store_unavailable",  # fail closed: 503
+)
 
 
 class Throttle:
@@ -1453,6 +1476,7 @@ class Security:
         boot = clock() if boot_time is None else boot_time
         self.min_iat = math.ceil(boot) if not getattr(replay, "shared", False) else 0
         self.throttle = throttle or Throttle()
+        self.on_failure: Callable[[str], None] | None = None  # called with a FAILURE_REASONS entry
         self._log_budget = (0, 0)  # (second, lines logged in it)
 
     def wrap(
@@ -1473,23 +1497,26 @@ class Security:
         if self.throttle.blocked("addr", address, now):
             return await self._throttled(send, request_id)
         tid = None
+        invalid = "malformed"  # what an InvalidToken means: until the shape is checked, a malformed token
         try:
             authorization, content_length, content_type = _read_headers(scope)
             parsed = parse(authorization)  # 2: shape and footer
+            invalid = "signature"
             footer = parsed.footer
             tid = footer.tid
             if footer.direction != "c2s":
-                raise _Refused("s2c token sent as a request")
+                raise _Refused("direction", "s2c token sent as a request")
             if self.throttle.blocked("tid", tid, now):
                 return await self._throttled(send, request_id)
             if abs(now - footer.iat) > MAX_SKEW:  # 3
-                raise _Refused(f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
+                raise _Refused("clock", f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
             if footer.iat < self.min_iat:
-                raise _Refused("iat before this process started (memory replay store)")
+                raise _Refused("before_boot", "iat before this process started (memory replay store)")
             try:
                 cache = self.keystore.snapshot()
             except KeystoreUnavailable as exc:  # no key can be trusted: fail closed
                 log.error("request %s: %s", request_id.decode(), exc)
+                self._failed("keystore_unavailable")
                 return await _reply(send, 503, _error(b"overloaded", b"key store unavailable"), request_id)
             key = cache.keys.get((tid, footer.kid))  # 4
             if key is None or not key.usable(now):
@@ -1497,7 +1524,7 @@ class Security:
                     log.warning(
                         "ALERT request %s: retired kid %s of tenant %s was used", request_id.decode(), footer.kid, tid
                     )
-                raise _Refused("unknown, retired or expired kid")
+                raise _Refused("unknown_kid", "unknown, retired or expired kid")
             max_body = scope.get(MAX_BODY_KEY, DEFAULT_MAX_BODY)
             if content_length is not None and content_length > max_body:  # 5
                 return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
@@ -1510,9 +1537,10 @@ class Security:
             implicit = request_assertion(self.audience, scope["method"], target, content_type, body)
             claims = open_token(key.c2s, parsed, implicit).claims  # 6, 7
         except _Refused as exc:
-            return await self._unauthorized(send, request_id, address, tid, now, str(exc))
+            return await self._unauthorized(send, request_id, address, tid, now, exc.reason, str(exc))
         except InvalidToken:
-            return await self._unauthorized(send, request_id, address, tid, now, "token does not verify")
+            detail = "token does not verify" if invalid == "signature" else "malformed token"
+            return await self._unauthorized(send, request_id, address, tid, now, invalid, detail)
         assert isinstance(claims, RequestClaims)
 
         # From here on every answer is signed, bound to this request's jti.
@@ -1523,9 +1551,11 @@ class Security:
                 fresh = await fresh
         except Exception as exc:  # any store failure: fail closed
             log.error("request %s: replay store failed: %s", request_id.decode(), exc)
+            self._failed("replay_store_unavailable")
             return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)
         if not fresh:
             self._log(request_id, f"replayed jti from tenant {tid}")
+            self._failed("replayed")
             return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
         if key.state == "pending":  # 10
             if self.keystore.promote(key.kid):
@@ -1541,17 +1571,23 @@ class Security:
         scope[CALLER_KEY] = Caller(self, tid, cache.functions.get(tid), getattr(claims, "otp", None) or None)
         await app(scope, receive, signed_send)  # 9 happens in the dispatcher, 11 in signed_send
 
+    def _failed(self, reason: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(reason)
+
     async def _throttled(self, send: _Send, request_id: bytes) -> None:
+        self._failed("throttled")
         retry_after = ((b"retry-after", str(self.throttle.window).encode()),)
         await _reply(send, 429, _error(b"throttled", b"too many failed requests; retry later"), request_id, retry_after)
 
     async def _unauthorized(
-        self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str
+        self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str, detail: str
     ) -> None:
         self.throttle.fail("addr", address, now)
         if tid is not None:
             self.throttle.fail("tid", tid, now)
-        self._log(request_id, f"{reason} (tenant {tid or '-'}, address {address})")
+        self._failed(reason)
+        self._log(request_id, f"{detail} (tenant {tid or '-'}, address {address})")
         await _reply(send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
 
     def _log(self, request_id: bytes, reason: str) -> None:
@@ -1606,19 +1642,19 @@ def _read_headers(scope: _Scope) -> tuple[str, int | None, bytes]:
     for name, value in scope["headers"]:
         if name == b"authorization":
             if authorization is not None:
-                raise _Refused("more than one Authorization header")
+                raise _Refused("malformed", "more than one Authorization header")
             authorization = value
         elif name == b"content-length":
             try:
                 content_length = int(value)
             except ValueError:
-                raise _Refused("Content-Length is not a number") from None
+                raise _Refused("malformed", "Content-Length is not a number") from None
         elif name == b"content-type":
             content_type = bytes(value)
     if authorization is None:
-        raise _Refused("no Authorization header")
+        raise _Refused("missing", "no Authorization header")
     if len(authorization) > MAX_TOKEN_CHARS or not authorization.startswith(b"STT1 "):
-        raise _Refused("Authorization is not an STT1 token")
+        raise _Refused("malformed", "Authorization is not an STT1 token")
     return authorization[5:].decode("latin-1"), content_length, content_type
 
 
@@ -1629,7 +1665,7 @@ async def _read_body(receive: _Receive, limit: int) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _Refused("client went away before sending its body")
+            raise _Refused("disconnected", "client went away before sending its body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

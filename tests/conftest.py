@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -78,11 +82,11 @@ class Secured:
 
 
 @contextlib.contextmanager
-def secured_server(folder: Path, tmp_path: Path, public_url: str = "") -> Iterator[Secured]:
+def secured_server(folder: Path, tmp_path: Path, public_url: str = "", **overrides: Any) -> Iterator[Secured]:
     """A gateway with STT1 on, serving ``folder`` on a free port chosen before the app is built
     (the credential's url, the audience, names it unless ``public_url`` does: a proxy in front),
-    with a tenant ``acme`` and its credential."""
-    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"), public_url=public_url)
+    with a tenant ``acme`` and its credential. ``overrides`` set other Settings fields."""
+    settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"), public_url=public_url, **overrides)
     keystore = security.Keystore(settings.db)
     kid, k = keystore.add_tenant("acme")
     cred = tmp_path / "acme.json"
@@ -104,3 +108,14 @@ def secured_server(folder: Path, tmp_path: Path, public_url: str = "") -> Iterat
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Gateway processes a test starts (in their own session); all are killed, workers too, at the end."""
+    running: list[subprocess.Popen[str]] = []
+    yield running
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
