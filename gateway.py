@@ -924,6 +924,7 @@ def serve(app: Gateway, host: str | None = None, port: int | None = None) -> Non
 def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
     import uvicorn
 
+    extra.setdefault("http", "gateway:http_protocol")  # by name: --workers passes it to other processes
     return uvicorn.Config(
         app,
         log_level=settings.log_level,
@@ -932,6 +933,108 @@ def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
         timeout_graceful_shutdown=10,
         **extra,
     )
+
+
+HEAD_LIMIT = 64 * 1024  # bytes of request line and headers; nginx allows 32 KiB by default
+HEAD_TIMEOUT = 10.0  # seconds from a connection (or a request's first byte) to the end of its headers
+BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte arriving
+
+
+def http_protocol(
+    *, head_limit: int = HEAD_LIMIT, head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT, **kw: Any
+) -> Any:
+    """uvicorn's HTTP protocol (httptools) with the limits it leaves out; uvicorn calls this per connection.
+
+    uvicorn reads a request head of any size and waits for it for ever: one client could hold
+    memory without bound, and idle or trickling connections (slowloris) stay open until the
+    file descriptors run out. Here a head over ``head_limit`` bytes is answered 431 and one not
+    complete ``head_timeout`` s after the connection opened (or the request began) 408, both
+    JSON, and the connection closed; a body that goes ``body_timeout`` s without a byte is
+    dropped, which the call sees as a disconnect. Tests pass small limits with functools.partial.
+    """
+    protocol = _guarded_http()(**kw)
+    protocol.limits = (head_limit, head_timeout, body_timeout)
+    return protocol
+
+
+@functools.cache
+def _guarded_http() -> type:
+    import http
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc]
+        limits = (HEAD_LIMIT, HEAD_TIMEOUT, BODY_TIMEOUT)
+        _timer: asyncio.TimerHandle | None = None
+        _head = 0  # bytes of the request head received so far; -1 once it is complete
+        _too_large = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm(self.limits[1], self._head_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm(None)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._head >= 0:
+                self._head += len(data)
+            super().data_received(data)
+            if (self._too_large or self._head > self.limits[0]) and not self.transport.is_closing():
+                self._refuse(431, "too_large", f"the request head is over {self.limits[0]} bytes")
+
+        def on_message_begin(self) -> None:
+            if self._too_large:
+                return
+            self._head = 0
+            self._arm(self.limits[1], self._head_timed_out)
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            # Exactly, as on the wire: a head that arrived in one read is not counted above.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if self._too_large or size > self.limits[0]:
+                self._too_large = True
+                return
+            self._head = -1
+            self._arm(self.limits[2], self._body_timed_out)
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._too_large:
+                self._arm(self.limits[2], self._body_timed_out)
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._too_large:
+                self._arm(None)
+                super().on_message_complete()
+
+        def _arm(self, seconds: float | None, then: Callable[[], None] | None = None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if seconds is None or then is None else self.loop.call_later(seconds, then)
+
+        def _head_timed_out(self) -> None:
+            if self._head >= 0 and not self.transport.is_closing():
+                self._refuse(408, "timeout", f"the request head did not arrive within {self.limits[1]:g} s")
+
+        def _body_timed_out(self) -> None:
+            if not self.transport.is_closing():
+                log.info("closed a connection whose request body stalled for %g s", self.limits[2])
+                self.transport.close()
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            body = error_body(code, message)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(), len(body), body)
+            )
+            self.transport.close()
+            self._arm(None)
+
+    return GuardedHttp
 
 
 def _listen(host: str, port: int) -> socket.socket:

