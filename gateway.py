@@ -92,6 +92,7 @@ class Settings:
     workers: int = 1
     timeout: float = 30.0
     max_body: int = 1 << 20
+    max_result: int = 16 << 20  # the largest encoded result sent; it is built (and signed) whole in memory
     concurrency: int = 1024
     threads: int = 40
     log_level: str = "info"
@@ -598,6 +599,8 @@ class Gateway:
             func_name, var1 = _split_rest_path(scope)
             result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
             status, body = 200, msgspec.json.encode({"results": result, "valid": True})
+            if len(body) > self.settings.max_result:
+                raise GatewayError(500, "internal_error", f"the result is over {self.settings.max_result} bytes")
             extra: tuple[tuple[bytes, bytes], ...] = ()
         except GatewayError as exc:
             status, body, extra = exc.status, error_body(exc.code, exc.message), exc.headers
@@ -1072,6 +1075,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("workers", int, "processes serving the port (needs --replay sqlite)"),
     ("timeout", float, "seconds a call may take, unless its entry sets one"),
     ("max_body", int, "largest request body in bytes"),
+    ("max_result", int, "largest result in bytes, encoded; a bigger one is a 500"),
     ("concurrency", int, "calls in progress (per process) before 503"),
     ("log_level", str, "debug, info, warning or error"),
     ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
@@ -1254,7 +1258,7 @@ def main(argv: list[str] | None = None) -> int:
         return _token_command(args)
     if not Path(settings.modules).is_dir():
         return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
-    for name in ("workers", "timeout", "max_body", "concurrency"):
+    for name in ("workers", "timeout", "max_body", "max_result", "concurrency"):
         if getattr(settings, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be positive")
     if settings.auth not in ("stt1", "off"):

@@ -237,3 +237,30 @@ def test_the_production_limits_are_the_documented_ones() -> None:
         loop.close()
     assert protocol.limits == (64 * 1024, 10.0, 30.0)
 
+
+
+# -- functions that misbehave ---------------------------------------------------------------
+
+BIG = '__all_exposed__ = ["big"]\n\n\ndef big(size: int) -> str:\n    return "x" * size\n'
+
+
+def test_a_huge_result_is_a_clean_500_and_the_worker_keeps_serving(served, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "big.py").write_text(BIG)
+    gw = served(gateway.create_app(tmp_path, auth="off", reload=False))  # the default limit, 16 MiB
+    assert len(gw.client.post("/rest/big", json={"size": 1 << 20}).json()["results"]) == 1 << 20
+    started = time.monotonic()
+    response = gw.client.post("/rest/big", json={"size": 50 << 20})
+    assert time.monotonic() - started < 5
+    assert (response.status_code, response.json()["error"]) == (
+        500,
+        {"code": "internal_error", "message": f"the result is over {16 << 20} bytes"},
+    )
+    assert f"request {response.headers['x-request-id']}: internal_error the result is over" in caplog.text
+    assert gw.client.post("/rest/big", json={"size": 10}).json()["results"] == "x" * 10
+
+
+def test_the_result_limit_is_a_setting(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "big.py").write_text(BIG)
+    gw = served(gateway.create_app(tmp_path, auth="off", reload=False, max_result=1000))
+    assert gw.client.post("/rest/big", json={"size": 1000 - 27}).status_code == 200  # {"results":"","valid":true} is 27
+    assert gw.client.post("/rest/big", json={"size": 1000 - 26}).status_code == 500
