@@ -255,12 +255,22 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
     """Drop from sys.modules the generations a reload replaced and nothing serves any more.
 
     Without this every reload would keep its module objects alive for ever; a generation that
-    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports.
+    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports, but not
+    the modules of it that were replaced: whatever such a module holds (a cache, a leak) is
+    freed by reloading it, whatever else its generation still serves.
     """
     gone = {_generation_of(fn) for fn in replaced} - {_generation_of(fn) for fn in serving} - {f"_gw{_generation}"}
     gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
     for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
         del sys.modules[name]
+    stale = {fn.func.__module__ for fn in replaced} - {fn.func.__module__ for fn in serving}
+    for name in stale:
+        if re.fullmatch(r"_gw\d+\..+", name):
+            sys.modules.pop(name, None)
+            parent, _, child = name.rpartition(".")
+            package = sys.modules.get(parent)
+            if package is not None:  # importing _gwN.x also set it as an attribute of the package
+                vars(package).pop(child, None)
 
 
 def _module_sources(
