@@ -223,9 +223,13 @@ def load_modules(
         functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
         refused = [refusal for refusal in previous.refused if refusal.source not in changed]
         packages = ()  # installed packages do not change under a running gateway
+    cwd = os.getcwd()
     for source, import_module in _module_sources(path, packages, f"_gw{_generation}", only):
         try:
-            module = import_module()
+            try:
+                module = import_module()
+            finally:
+                _keep_cwd(cwd, source)
             exposed = _exposed_of(module, source)
             for item in exposed:
                 if item.name in functions:
@@ -245,6 +249,15 @@ def load_modules(
     if previous is not None:
         _forget_generations(previous.functions.values(), functions.values())
     return Catalog(functions, tuple(refused))
+
+
+def _keep_cwd(cwd: str, source: str) -> None:
+    """Undo a module's os.chdir at import: the gateway names its modules folder, keystore and
+    credential files relative to the working directory, so a module that moved it would break
+    every later import and every reload (the watcher would look for the folder elsewhere)."""
+    if os.getcwd() != cwd:
+        log.warning("%s changed the working directory at import; changed it back to %s", source, cwd)
+        os.chdir(cwd)
 
 
 def _generation_of(fn: Exposed) -> str:

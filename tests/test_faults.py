@@ -17,13 +17,19 @@ Redis down (test_redis.py); SIGTERM draining one call (test_cli.py); a broken re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,7 +37,7 @@ import pytest
 import uvicorn
 
 import gateway
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT, free_port
 
 
 class Served:
@@ -337,3 +343,80 @@ def test_a_slow_import_during_a_reload_blocks_no_request(served, tmp_path, busy:
         assert gw.client.get("/healthz").status_code == 200
     assert seen == {1, 2} and gw.app.reloads == 1
     assert slowest < 0.5, f"a call took {slowest:.2f} s during the reload"
+
+
+# -- modules that misbehave at import, as `python gateway.py` runs them ------------------------
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Gateway processes started by the test; whatever is left is killed with its children."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+def start_gateway(processes, cwd: Path, *args: str) -> tuple[subprocess.Popen[str], str]:  # type: ignore[no-untyped-def]
+    """``python gateway.py ARGS`` on a free port in ``cwd``, once /healthz answers; (process, url)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "gateway.py"), "--port", str(port), *args],
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    processes.append(process)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            httpx.get(f"{url}/healthz", timeout=1)
+            return process, url
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.05)
+
+
+def sigterm(process: subprocess.Popen[str], seconds: float = 15) -> str:
+    """SIGTERM, then the output; the process must have exited 0 within ``seconds``."""
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=seconds)
+    assert process.returncode == 0, output
+    return output
+
+
+SIDE_EFFECTS = """
+import os, sys, threading, time
+print("imported, with side effects", flush=True)
+os.makedirs("elsewhere", exist_ok=True)
+os.chdir("elsewhere")
+sys.path.insert(0, "/nowhere")
+os.environ["GATEWAY_PORT"] = "1"
+__all_exposed__ = ["where"]
+
+
+def where() -> str:
+    return os.getcwd()
+"""
+VERSION = '__all_exposed__ = ["version"]\n\n\ndef version() -> int:\n    return {}\n'
+
+
+def test_a_module_that_changes_the_working_directory_at_import_breaks_nothing(processes, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "a_side_effects.py").write_text(SIDE_EFFECTS)  # imported first
+    (tmp_path / "modules" / "b_version.py").write_text(VERSION.format(1))
+    process, url = start_gateway(processes, tmp_path, "--auth", "off", "--modules", "modules")  # a relative folder
+    assert httpx.get(f"{url}/healthz").json() == {"status": "ok", "functions": 2, "refused": []}
+    assert httpx.post(f"{url}/rest/where").json()["results"] == str(tmp_path)  # changed back
+    time.sleep(gateway.WATCH_DELAY + 0.3)
+    (tmp_path / "modules" / "b_version.py").write_text(VERSION.format(2))
+    wait_for(lambda: httpx.post(f"{url}/rest/version").json()["results"] == 2)  # the watcher watches modules/
+    output = sigterm(process)
+    assert "imported, with side effects" in output
+    assert "a_side_effects.py changed the working directory at import; changed it back to" in output
