@@ -565,6 +565,7 @@ class Gateway:
         self.reloads = 0
         self.dispatcher = Dispatcher(settings)
         self.access = AccessLog()
+        self.exit_grace: float | None = None  # the CLI's processes only: see _end_process_after
         self.security = security if isinstance(security, Security) else None
         wrap = security.wrap if isinstance(security, Security) else security
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
@@ -599,6 +600,8 @@ class Gateway:
             task.cancel()
         self.dispatcher.close()
         self.access.flush()
+        if self.exit_grace is not None:
+            _end_process_after(self.exit_grace)
 
     async def _rotate_by_policy(self, keystore: Keystore) -> None:
         """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials."""
@@ -930,6 +933,27 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
 
 #### Serving
 
+EXIT_GRACE = 2.0  # seconds a stopped gateway process may take to exit before it is ended
+
+
+def _end_process_after(seconds: float) -> None:
+    """End this process ``seconds`` from now unless it has exited by then.
+
+    Python's exit waits for every non-daemon thread: a sync function that hangs (a thread
+    cannot be killed, and the thread pool is joined at exit) or a thread a module started
+    would keep a gateway that has drained and stopped alive until SIGKILL. Only the CLI's
+    processes arm this (``exit_grace``); a script that embeds the gateway owns its process.
+    """
+
+    def end() -> None:
+        time.sleep(seconds)
+        running = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        log.warning("exiting with %d thread(s) still running: %s", len(running), ", ".join(running))
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=end, name="gateway-exit", daemon=True).start()
+
 
 def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
     """Serve an app in this process until interrupted; exits with STARTUP_FAILURE if it cannot listen."""
@@ -1085,7 +1109,9 @@ def app_from_env() -> Gateway:
     """The factory each worker process calls (``--workers N``): settings come from GATEWAY_*."""
     settings = _settings(_parser().parse_args([]))
     _configure_logging(settings.log_level)
-    return create_app(settings.modules, settings=settings)
+    app = create_app(settings.modules, settings=settings)
+    app.exit_grace = EXIT_GRACE
+    return app
 
 
 #### CLI
@@ -1302,6 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
     origin = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
         app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
+        app.exit_grace = EXIT_GRACE
         log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
         serve(app)
         return 0

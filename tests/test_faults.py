@@ -420,3 +420,34 @@ def test_a_module_that_changes_the_working_directory_at_import_breaks_nothing(pr
     output = sigterm(process)
     assert "imported, with side effects" in output
     assert "a_side_effects.py changed the working directory at import; changed it back to" in output
+
+
+STUCK = """
+import threading, time
+__all_exposed__ = [{"name": "hang", "timeout": 0.2}]
+
+
+def _forever() -> None:
+    while True:
+        time.sleep(0.05)
+
+
+threading.Thread(target=_forever, name="module-thread").start()  # not a daemon: exit would wait for it
+
+
+def hang() -> str:
+    time.sleep(3600)  # a thread cannot be killed: it runs on after its 504
+    return "never"
+"""
+
+
+def test_sigterm_ends_the_process_even_with_a_hung_call_and_a_module_thread(processes, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "stuck.py").write_text(STUCK)
+    process, url = start_gateway(processes, tmp_path, "--auth", "off", "--modules", str(tmp_path))
+    assert httpx.post(f"{url}/rest/hang").status_code == 504
+    started = time.monotonic()
+    output = sigterm(process, seconds=gateway.EXIT_GRACE + 10)
+    assert time.monotonic() - started < gateway.EXIT_GRACE + 5
+    assert "Application shutdown complete" in output  # drained and shut down first, as always
+    assert "exiting with 2 thread(s) still running: " in output
+    assert "module-thread" in output and "gateway-call" in output
