@@ -11,6 +11,7 @@ Nothing in this section reads the clock; time comes in as ``iat`` or ``step`` pa
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import contextlib
 import hashlib
@@ -1281,37 +1282,91 @@ class MemoryReplayStore:
             self._seen.difference_update(self._buckets.pop(expires_at))
 
 
+class _Busy(Exception):
+    """Another connection holds the SQLite write lock."""
+
+
 class SqliteReplayStore:
-    """Several worker processes on one host share one WAL database file."""
+    """Several worker processes on one host share one WAL database file.
+
+    Called on the event loop, it never waits there for a lock another connection holds (a
+    backup, a long transaction, another worker): a busy database is retried in a thread for up
+    to ``timeout`` seconds, so a locked store delays (then fails) its own calls, not the worker.
+    """
 
     shared = True
 
     def __init__(
-        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time, purge_every: int = 1000
+        self,
+        path: str | os.PathLike[str],
+        clock: Callable[[], float] = time.time,
+        purge_every: int = 1000,
+        timeout: float = 2.0,
     ) -> None:
         self.path = os.fspath(path)
         self.clock = clock
         self.purge_every = purge_every
+        self.timeout = timeout
         self._inserts = 0
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=2.0)
+        self._db = self._connect(0)  # the event loop's: fails at once when busy
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (k BLOB PRIMARY KEY, exp INTEGER NOT NULL) WITHOUT ROWID")
         self._lock = threading.Lock()
+        self._waiting_db: sqlite3.Connection | None = None  # a thread's, that waits: made when first needed
+        self._waiting_lock = threading.Lock()
 
-    def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
+        return db
+
+    def check_and_insert(self, key: bytes, expires_at: int) -> bool | Awaitable[bool]:
+        """True the first time; an awaitable of it when called on an event loop and the database is busy."""
         try:
-            with self._lock:
-                new = (
-                    self._db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount
-                    == 1
-                )
-                self._inserts += 1
-                if self._inserts % self.purge_every == 0:
-                    self._db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
-                return new
+            asyncio.get_running_loop()
+        except RuntimeError:  # a plain caller may wait
+            return self._insert_waiting(key, expires_at, time.monotonic() + self.timeout)
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._insert(self._db, key, expires_at)
+            except _Busy:
+                pass
+            finally:
+                self._lock.release()
+        return asyncio.to_thread(self._insert_waiting, key, expires_at, time.monotonic() + self.timeout)
+
+    def _insert(self, db: sqlite3.Connection, key: bytes, expires_at: int) -> bool:
+        try:
+            new = db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount == 1
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise _Busy() from None
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         except sqlite3.Error as exc:
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        self._inserts += 1
+        if self._inserts % self.purge_every == 0:
+            # Best effort: the insert above is committed, so a busy purge must not make it retried
+            # (which would find the key and call a fresh token a replay). The next purge catches up.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
+        return new
+
+    def _insert_waiting(self, key: bytes, expires_at: int, deadline: float) -> bool:
+        if not self._waiting_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ReplayStoreError(f"sqlite replay store: still locked after {self.timeout:g} s")
+        try:
+            if self._waiting_db is None:
+                self._waiting_db = self._connect(self.timeout)
+            remaining = max(0.0, deadline - time.monotonic())
+            self._waiting_db.execute(f"PRAGMA busy_timeout = {int(remaining * 1000)}")
+            return self._insert(self._waiting_db, key, expires_at)
+        except _Busy:
+            raise ReplayStoreError(f"sqlite replay store: still locked after {self.timeout:g} s") from None
+        except sqlite3.Error as exc:
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        finally:
+            self._waiting_lock.release()
 
     def __len__(self) -> int:
         with self._lock:

@@ -20,23 +20,27 @@ import asyncio
 import contextlib
 import functools
 import gc
+import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from test_security import T0, Answer, Clock, Stack, make_stack, response_claims
 
 import gateway
+import security as s
 from conftest import FIXTURES, ROOT, free_port
 
 
@@ -451,3 +455,59 @@ def test_sigterm_ends_the_process_even_with_a_hung_call_and_a_module_thread(proc
     assert "Application shutdown complete" in output  # drained and shut down first, as always
     assert "exiting with 2 thread(s) still running: " in output
     assert "module-thread" in output and "gateway-call" in output
+
+
+# -- stores that are locked, read-only or full ------------------------------------------------
+
+
+def overloaded(stack: Stack, answer: Answer, message: str) -> None:
+    """The fail-closed answer: a signed 503 `overloaded`, and the function did not run."""
+    assert answer.status == 503, answer.body
+    assert json.loads(answer.body)["error"] == {"code": "overloaded", "message": message}
+    response_claims(stack, answer)  # signed for this very request
+
+
+def in_threads(count: int, call: Callable[[], Any]) -> list[Any]:
+    results: list[Any] = []
+    threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return [threads, results]
+
+
+def test_a_locked_replay_store_fails_closed_without_stalling_the_worker(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    replay = s.SqliteReplayStore(tmp_path / "replay.db", clock=clock, timeout=0.5)
+    stack = make_stack(tmp_path, serve, clock=clock, replay=replay)
+    assert stack.call().status == 200
+    before = stack.calls["add"]
+    locker = sqlite3.connect(tmp_path / "replay.db", isolation_level=None)  # a backup, a stuck worker...
+    locker.execute("BEGIN IMMEDIATE")  # holds the write lock
+    try:
+        threads, answers = in_threads(4, stack.call)
+        time.sleep(0.1)  # the four calls wait on the lock, each in its own thread
+        started = time.monotonic()
+        assert httpx.get(f"http://127.0.0.1:{stack.running.port}/healthz").status_code == 200
+        assert time.monotonic() - started < 0.3, "the event loop waited for the lock"
+        for thread in threads:
+            thread.join(10)
+        for answer in answers:
+            overloaded(stack, answer, "replay protection unavailable")
+        assert stack.calls["add"] == before
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert stack.call().status == 200  # the lock is gone: back by itself
+    assert stack.calls["add"] == before + 1
+
+
+def test_a_replay_store_locked_only_briefly_just_delays_the_call(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    stack = make_stack(tmp_path, serve, clock=clock, replay=s.SqliteReplayStore(tmp_path / "replay.db", clock=clock))
+    locker = sqlite3.connect(tmp_path / "replay.db", isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.3, lambda: locker.execute("ROLLBACK")).start()
+    started = time.monotonic()
+    assert stack.call().status == 200  # waited for the lock in a thread, then went through
+    assert 0.25 < time.monotonic() - started < 2
+    locker.close()
