@@ -655,6 +655,8 @@ def write_credential(path: str | os.PathLike[str], credential: Credential) -> No
 # connection (the CLI, another worker) committed a change, checked at most once a second.
 
 GRACE_SECONDS = 600  # how long the old kid keeps working after its successor's first use
+ADMIN_WAIT = 5.0  # seconds an admin change waits for another connection's write lock
+REQUEST_WAIT = 0.1  # ... and a change made on the request path (promotion, OTP), which holds up the worker
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -753,7 +755,7 @@ class Keystore:
         self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path))
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm follow its mode
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=ADMIN_WAIT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # keys are few and precious: every commit durable
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -771,15 +773,22 @@ class Keystore:
         self._db.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, wait: float = ADMIN_WAIT) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if wait != ADMIN_WAIT:
+                self._db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            finally:
+                if wait != ADMIN_WAIT:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(ADMIN_WAIT * 1000)}")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) may leave it open
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             self._cache = None  # our own commits do not move data_version: drop the cache now
 
     # -- secrets at rest
@@ -860,10 +869,12 @@ class Keystore:
     def promote(self, kid: str) -> bool:
         """First valid use of a pending kid: it becomes active, its parent retiring (PROTOCOL 5.4).
 
-        Idempotent across workers: only the first caller finds it still pending.
+        Idempotent across workers: only the first caller finds it still pending. It runs on the
+        request path, so it waits at most REQUEST_WAIT for another connection's write lock, then
+        raises; the middleware serves the call anyway and a later call under the kid retries.
         """
         now = int(self.clock())
-        with self._transaction() as db:
+        with self._transaction(REQUEST_WAIT) as db:
             row = db.execute("SELECT parent FROM credentials WHERE kid = ? AND state = 'pending'", (kid,)).fetchone()
             if row is None:
                 return False
@@ -917,7 +928,7 @@ class Keystore:
         current = totp.timecode(now)
         for timecode in (current - 1, current, current + 1):
             if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()):
-                with self._transaction() as db:
+                with self._transaction(REQUEST_WAIT) as db:
                     updated = db.execute(
                         "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
                     ).rowcount
@@ -1587,7 +1598,14 @@ class Security:
             self._log(request_id, f"replayed jti from tenant {tid}")
             return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
         if key.state == "pending":  # 10
-            if self.keystore.promote(key.kid):
+            try:
+                promoted = self.keystore.promote(key.kid)
+            except (sqlite3.Error, OSError) as exc:
+                # Locked, read-only or full. The call is still good: a pending kid is as valid as an
+                # active one, and only the old kid's retirement waits. The next call under it retries.
+                log.error("request %s: kid %s not promoted yet: %s", request_id.decode(), key.kid, exc)
+                promoted = False
+            if promoted:
                 log.info(
                     "request %s: tenant %s now signs with kid %s; the old kid retires in %d s",
                     request_id.decode(),

@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from test_security import T0, Answer, Clock, Stack, make_stack, response_claims
+from test_security import T0, Answer, Clock, Cred, Stack, make_stack, response_claims
 
 import gateway
 import security as s
@@ -511,3 +511,37 @@ def test_a_replay_store_locked_only_briefly_just_delays_the_call(tmp_path, serve
     assert stack.call().status == 200  # waited for the lock in a thread, then went through
     assert 0.25 < time.monotonic() - started < 2
     locker.close()
+
+
+def rotated(stack: Stack) -> Cred:
+    """Rotate acme's key and return the successor its next answer delivers (rk)."""
+    stack.keystore.rotate("acme")
+    rk = response_claims(stack, stack.call()).rk
+    assert isinstance(rk, s.RotatedKey)
+    return Cred("acme", rk.kid, s.b64decode(rk.k))
+
+
+def states(stack: Stack) -> list[str]:
+    return [row["state"] for row in stack.keystore.rows() if row["tid"] == "acme"]
+
+
+def test_a_locked_keystore_defers_a_promotion_and_serves_the_call(tmp_path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve)
+    successor = rotated(stack)
+    locker = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)  # `tenant add` mid-way, a backup...
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        answer = stack.call(successor)  # the first use of the successor: it should be promoted now
+        assert time.monotonic() - started < 1, "the worker waited for the keystore's lock"
+        assert answer.status == 200 and json.loads(answer.body)["results"] == 3
+        response_claims(stack, answer, successor)
+        assert f"kid {successor.kid} not promoted yet: database is locked" in caplog.text
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert states(stack) == ["active", "pending"]  # nothing half-done: as before the call
+    stack.clock.now += 1
+    assert stack.call(successor).status == 200  # the lock is gone: promoted on this call
+    assert states(stack) == ["retiring", "active"]
+    assert stack.call().status == 200  # the old key, in its grace period
