@@ -1245,6 +1245,8 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
             print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
     except (ValueError, OSError) as exc:  # OSError: the shared keystore is unreachable
         return _fail(str(exc))
+    except sqlite3.Error as exc:  # locked, read-only or full: the change was rolled back
+        return _fail(f"the keystore {settings.db} was not changed: {exc}")
     finally:
         keystore.close()
     return 0

@@ -513,16 +513,17 @@ def test_a_replay_store_locked_only_briefly_just_delays_the_call(tmp_path, serve
     locker.close()
 
 
-def rotated(stack: Stack) -> Cred:
-    """Rotate acme's key and return the successor its next answer delivers (rk)."""
-    stack.keystore.rotate("acme")
-    rk = response_claims(stack, stack.call()).rk
+def rotated(stack: Stack, cred: Cred | None = None) -> Cred:
+    """Rotate a tenant's key (acme's by default); the successor its next answer delivers (rk)."""
+    cred = cred or stack.acme
+    stack.keystore.rotate(cred.tid)
+    rk = response_claims(stack, stack.call(cred), cred).rk
     assert isinstance(rk, s.RotatedKey)
-    return Cred("acme", rk.kid, s.b64decode(rk.k))
+    return Cred(cred.tid, rk.kid, s.b64decode(rk.k))
 
 
-def states(stack: Stack) -> list[str]:
-    return [row["state"] for row in stack.keystore.rows() if row["tid"] == "acme"]
+def states(stack: Stack, tid: str = "acme") -> list[str]:
+    return [row["state"] for row in stack.keystore.rows() if row["tid"] == tid]
 
 
 def test_a_locked_keystore_defers_a_promotion_and_serves_the_call(tmp_path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
@@ -545,3 +546,100 @@ def test_a_locked_keystore_defers_a_promotion_and_serves_the_call(tmp_path, serv
     assert stack.call(successor).status == 200  # the lock is gone: promoted on this call
     assert states(stack) == ["retiring", "active"]
     assert stack.call().status == 200  # the old key, in its grace period
+
+
+def tenant_cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "gateway.py"), "--db", str(db), "tenant", *args],
+        cwd=db.parent, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def intact(db: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as check:
+        return check.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+@contextlib.contextmanager
+def immutable(*files: Path) -> Iterator[None]:
+    """Files no process may write, root included: chmod stops nothing for root, the immutable
+    attribute (chattr +i, on ext4 where the tests' tmp folder is) stops root too, and even writes
+    through descriptors opened before it was set."""
+    subprocess.run(["chattr", "+i", *map(str, files)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, files)], check=True)
+
+
+def test_a_read_only_keystore_keeps_serving_and_refuses_changes_cleanly(tmp_path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve)
+    successor = rotated(stack, stack.globex)
+    db = tmp_path / "gw.db"
+    rows = stack.keystore.rows()
+    with immutable(db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stack.clock.now += 1.5  # the worker reads the keystore again
+        assert stack.call().status == 200  # reading works: every key is served as before
+        assert stack.call(successor).status == 200  # its promotion cannot be written: deferred
+        refused = tenant_cli(db, "rotate", "acme")
+        assert (refused.returncode, refused.stdout) == (3, "")
+        assert refused.stderr.startswith(f"gateway: the keystore {db} was not changed: ")
+        with pytest.raises(sqlite3.Error):
+            stack.keystore.rotate("acme")
+        assert stack.keystore.rows() == rows
+    assert intact(db)
+    assert tenant_cli(db, "rotate", "acme").returncode == 0  # writable again: it works at once
+    stack.clock.now += 1.5
+    assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
+    assert stack.call(successor).status == 200 and states(stack, "globex") == ["retiring", "active"]  # promoted
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB file system (tmpfs), so that a full disk is the kernel's ENOSPC. Mounting
+    needs root with CAP_SYS_ADMIN, as the tests and CI have here; it fails loudly otherwise."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs here: {mounted.stderr!r}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 16, 1 << 12, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(size))
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_fails_a_rotation_cleanly_and_every_key_keeps_working(tmp_path, serve, small_disk) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    db = small_disk / "gw.db"
+    stack = make_stack(tmp_path, serve, clock=clock, keystore=s.Keystore(db, clock=clock))
+    successor = rotated(stack, stack.globex)  # globex has a successor waiting for its first use
+    stack.keystore._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # any change now has to grow a file
+    rows = stack.keystore.rows()
+    filler = fill(small_disk)
+    refused = tenant_cli(db, "rotate", "acme")
+    assert refused.returncode == 3 and refused.stderr.strip().endswith("database or disk is full"), refused.stderr
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        stack.keystore.rotate("acme")
+    clock.now += 1.5
+    assert stack.call().status == 200  # acme's key, as before
+    assert stack.call(successor).status == 200  # the successor works; its promotion waits
+    assert stack.keystore.rows() == rows and intact(db)  # nothing half-written
+    filler.unlink()
+    assert tenant_cli(db, "rotate", "acme").returncode == 0  # space again: it works, no restart
+    clock.now += 1.5
+    assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
+    assert stack.call(successor).status == 200 and states(stack, "globex") == ["retiring", "active"]
+    assert intact(db)
