@@ -564,7 +564,9 @@ def intact(db: Path) -> bool:
 def immutable(*files: Path) -> Iterator[None]:
     """Files no process may write, root included: chmod stops nothing for root, the immutable
     attribute (chattr +i, on ext4 where the tests' tmp folder is) stops root too, and even writes
-    through descriptors opened before it was set."""
+    through descriptors opened before it was set. Give it a database and its -wal, not its -shm:
+    that is SQLite's shared memory, mapped, and a write to a mapped page of an immutable file is
+    SIGBUS, which no real read-only file system does to a mapping open for writing."""
     subprocess.run(["chattr", "+i", *map(str, files)], check=True)
     try:
         yield
@@ -577,7 +579,7 @@ def test_a_read_only_keystore_keeps_serving_and_refuses_changes_cleanly(tmp_path
     successor = rotated(stack, stack.globex)
     db = tmp_path / "gw.db"
     rows = stack.keystore.rows()
-    with immutable(db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+    with immutable(db, Path(f"{db}-wal")):
         stack.clock.now += 1.5  # the worker reads the keystore again
         assert stack.call().status == 200  # reading works: every key is served as before
         assert stack.call(successor).status == 200  # its promotion cannot be written: deferred
@@ -643,3 +645,17 @@ def test_a_full_disk_fails_a_rotation_cleanly_and_every_key_keeps_working(tmp_pa
     assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
     assert stack.call(successor).status == 200 and states(stack, "globex") == ["retiring", "active"]
     assert intact(db)
+
+
+def test_a_read_only_replay_store_fails_closed_and_recovers_by_itself(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(T0)
+    path = tmp_path / "replay.db"
+    stack = make_stack(tmp_path, serve, clock=clock, replay=s.SqliteReplayStore(path, clock=clock, timeout=0.3))
+    assert stack.call().status == 200
+    before = stack.calls["add"]
+    with immutable(path, Path(f"{path}-wal")):
+        for _ in range(3):
+            overloaded(stack, stack.call(), "replay protection unavailable")
+        assert stack.calls["add"] == before
+    assert stack.call().status == 200  # writable again: no restart needed
+    assert intact(path)
