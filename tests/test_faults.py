@@ -470,12 +470,13 @@ def overloaded(stack: Stack, answer: Answer, message: str) -> None:
     response_claims(stack, answer)  # signed for this very request
 
 
-def in_threads(count: int, call: Callable[[], Any]) -> list[Any]:
+def in_threads(count: int, call: Callable[[], Any]) -> tuple[list[threading.Thread], list[Any]]:
+    """Start ``count`` threads each making one call; (the threads, the list their results go to)."""
     results: list[Any] = []
     threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(count)]
     for thread in threads:
         thread.start()
-    return [threads, results]
+    return threads, results
 
 
 def test_a_locked_replay_store_fails_closed_without_stalling_the_worker(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
@@ -577,7 +578,7 @@ def immutable(*files: Path) -> Iterator[None]:
         subprocess.run(["chattr", "-i", *map(str, files)], check=True)
 
 
-def test_a_read_only_keystore_keeps_serving_and_refuses_changes_cleanly(tmp_path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_a_read_only_keystore_keeps_serving_and_refuses_changes_cleanly(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
     stack = make_stack(tmp_path, serve)
     successor = rotated(stack, stack.globex)
     db = tmp_path / "gw.db"
