@@ -96,6 +96,7 @@ class Settings:
     timeout: float = 30.0
     max_body: int = 1 << 20  # default for functions whose entry sets none
     rate: float = 0  # default calls per second per tenant and function; 0: unlimited
+    max_result: int = 16 << 20  # the largest encoded result sent; it is built (and signed) whole in memory
     concurrency: int = 1024
     threads: int = 40
     log_level: str = "info"
@@ -236,9 +237,13 @@ def load_modules(
         functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
         refused = [refusal for refusal in previous.refused if refusal.source not in changed]
         packages = ()  # installed packages do not change under a running gateway
+    cwd = os.getcwd()
     for source, import_module in _module_sources(path, packages, f"_gw{_generation}", only):
         try:
-            module = import_module()
+            try:
+                module = import_module()
+            finally:
+                _keep_cwd(cwd, source)
             exposed = _exposed_of(module, source)
             for item in exposed:
                 if item.name in functions:
@@ -260,6 +265,15 @@ def load_modules(
     return Catalog(functions, tuple(refused))
 
 
+def _keep_cwd(cwd: str, source: str) -> None:
+    """Undo a module's os.chdir at import: the gateway names its modules folder, keystore and
+    credential files relative to the working directory, so a module that moved it would break
+    every later import and every reload (the watcher would look for the folder elsewhere)."""
+    if os.getcwd() != cwd:
+        log.warning("%s changed the working directory at import; changed it back to %s", source, cwd)
+        os.chdir(cwd)
+
+
 def _generation_of(fn: Exposed) -> str:
     return fn.func.__module__.split(".", 1)[0]
 
@@ -268,12 +282,22 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
     """Drop from sys.modules the generations a reload replaced and nothing serves any more.
 
     Without this every reload would keep its module objects alive for ever; a generation that
-    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports.
+    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports, but not
+    the modules of it that were replaced: whatever such a module holds (a cache, a leak) is
+    freed by reloading it, whatever else its generation still serves.
     """
     gone = {_generation_of(fn) for fn in replaced} - {_generation_of(fn) for fn in serving} - {f"_gw{_generation}"}
     gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
     for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
         del sys.modules[name]
+    stale = {fn.func.__module__ for fn in replaced} - {fn.func.__module__ for fn in serving}
+    for name in stale:
+        if re.fullmatch(r"_gw\d+\..+", name):
+            sys.modules.pop(name, None)
+            parent, _, child = name.rpartition(".")
+            package = sys.modules.get(parent)
+            if package is not None:  # importing _gwN.x also set it as an attribute of the package
+                vars(package).pop(child, None)
 
 
 def _module_sources(
@@ -580,6 +604,7 @@ class Gateway:
         self.dispatcher = Dispatcher(settings)
         self.limits = RateLimits()
         self.access = AccessLog()
+        self.exit_grace: float | None = None  # the CLI's processes only: see _end_process_after
         self.security = security if isinstance(security, Security) else None
         self.metrics = Metrics(self) if settings.metrics else None
         wrap = security.wrap if isinstance(security, Security) else security
@@ -622,6 +647,8 @@ class Gateway:
             task.cancel()
         self.dispatcher.close()
         self.access.flush()
+        if self.exit_grace is not None:
+            _end_process_after(self.exit_grace)
 
     async def _rotate_by_policy(self, keystore: Keystore) -> None:
         """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials."""
@@ -645,6 +672,8 @@ class Gateway:
             func_name, var1 = _split_rest_path(scope)
             result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
             status, body = 200, msgspec.json.encode({"results": result, "valid": True})
+            if len(body) > self.settings.max_result:
+                raise GatewayError(500, "internal_error", f"the result is over {self.settings.max_result} bytes")
             extra: tuple[tuple[bytes, bytes], ...] = ()
         except GatewayError as exc:
             status, body, extra = exc.status, error_body(exc.code, exc.message), exc.headers
@@ -1051,6 +1080,27 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
 
 #### Serving
 
+EXIT_GRACE = 2.0  # seconds a stopped gateway process may take to exit before it is ended
+
+
+def _end_process_after(seconds: float) -> None:
+    """End this process ``seconds`` from now unless it has exited by then.
+
+    Python's exit waits for every non-daemon thread: a sync function that hangs (a thread
+    cannot be killed, and the thread pool is joined at exit) or a thread a module started
+    would keep a gateway that has drained and stopped alive until SIGKILL. Only the CLI's
+    processes arm this (``exit_grace``); a script that embeds the gateway owns its process.
+    """
+
+    def end() -> None:
+        time.sleep(seconds)
+        running = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        log.warning("exiting with %d thread(s) still running: %s", len(running), ", ".join(running))
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=end, name="gateway-exit", daemon=True).start()
+
 
 def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
     """Serve an app in this process until interrupted; exits with STARTUP_FAILURE if it cannot listen."""
@@ -1071,6 +1121,7 @@ def serve(app: Gateway, host: str | None = None, port: int | None = None) -> Non
 def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
     import uvicorn
 
+    extra.setdefault("http", "gateway:http_protocol")  # by name: --workers passes it to other processes
     return uvicorn.Config(
         app,
         log_level=settings.log_level,
@@ -1079,6 +1130,108 @@ def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
         timeout_graceful_shutdown=10,
         **extra,
     )
+
+
+HEAD_LIMIT = 64 * 1024  # bytes of request line and headers; nginx allows 32 KiB by default
+HEAD_TIMEOUT = 10.0  # seconds from a connection (or a request's first byte) to the end of its headers
+BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte arriving
+
+
+def http_protocol(
+    *, head_limit: int = HEAD_LIMIT, head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT, **kw: Any
+) -> Any:
+    """uvicorn's HTTP protocol (httptools) with the limits it leaves out; uvicorn calls this per connection.
+
+    uvicorn reads a request head of any size and waits for it for ever: one client could hold
+    memory without bound, and idle or trickling connections (slowloris) stay open until the
+    file descriptors run out. Here a head over ``head_limit`` bytes is answered 431 and one not
+    complete ``head_timeout`` s after the connection opened (or the request began) 408, both
+    JSON, and the connection closed; a body that goes ``body_timeout`` s without a byte is
+    dropped, which the call sees as a disconnect. Tests pass small limits with functools.partial.
+    """
+    protocol = _guarded_http()(**kw)
+    protocol.limits = (head_limit, head_timeout, body_timeout)
+    return protocol
+
+
+@functools.cache
+def _guarded_http() -> type:
+    import http
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc]
+        limits = (HEAD_LIMIT, HEAD_TIMEOUT, BODY_TIMEOUT)
+        _timer: asyncio.TimerHandle | None = None
+        _head = 0  # bytes of the request head received so far; -1 once it is complete
+        _too_large = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm(self.limits[1], self._head_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm(None)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._head >= 0:
+                self._head += len(data)
+            super().data_received(data)
+            if (self._too_large or self._head > self.limits[0]) and not self.transport.is_closing():
+                self._refuse(431, "too_large", f"the request head is over {self.limits[0]} bytes")
+
+        def on_message_begin(self) -> None:
+            if self._too_large:
+                return
+            self._head = 0
+            self._arm(self.limits[1], self._head_timed_out)
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            # Exactly, as on the wire: a head that arrived in one read is not counted above.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if self._too_large or size > self.limits[0]:
+                self._too_large = True
+                return
+            self._head = -1
+            self._arm(self.limits[2], self._body_timed_out)
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._too_large:
+                self._arm(self.limits[2], self._body_timed_out)
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._too_large:
+                self._arm(None)
+                super().on_message_complete()
+
+        def _arm(self, seconds: float | None, then: Callable[[], None] | None = None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if seconds is None or then is None else self.loop.call_later(seconds, then)
+
+        def _head_timed_out(self) -> None:
+            if self._head >= 0 and not self.transport.is_closing():
+                self._refuse(408, "timeout", f"the request head did not arrive within {self.limits[1]:g} s")
+
+        def _body_timed_out(self) -> None:
+            if not self.transport.is_closing():
+                log.info("closed a connection whose request body stalled for %g s", self.limits[2])
+                self.transport.close()
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            body = error_body(code, message)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(), len(body), body)
+            )
+            self.transport.close()
+            self._arm(None)
+
+    return GuardedHttp
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -1103,7 +1256,9 @@ def app_from_env() -> Gateway:
     """The factory each worker process calls (``--workers N``): settings come from GATEWAY_*."""
     settings = _settings(_parser().parse_args([]))
     _configure_logging(settings.log_level)
-    return create_app(settings.modules, settings=settings)
+    app = create_app(settings.modules, settings=settings)
+    app.exit_grace = EXIT_GRACE
+    return app
 
 
 #### CLI
@@ -1117,6 +1272,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("timeout", float, "seconds a call may take, unless its entry sets one"),
     ("max_body", int, "largest request body in bytes, unless a function's entry sets max_body"),
     ("rate", float, "calls per second per tenant and function, unless its entry sets rate (0: no limit)"),
+    ("max_result", int, "largest result in bytes, encoded; a bigger one is a 500"),
     ("concurrency", int, "calls in progress (per process) before 503"),
     ("log_level", str, "debug, info, warning or error"),
     ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
@@ -1243,6 +1399,8 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
             print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
     except (ValueError, OSError) as exc:  # OSError: the shared keystore is unreachable
         return _fail(str(exc))
+    except sqlite3.Error as exc:  # locked, read-only or full: the change was rolled back
+        return _fail(f"the keystore {settings.db} was not changed: {exc}")
     finally:
         keystore.close()
     return 0
@@ -1305,7 +1463,7 @@ def main(argv: list[str] | None = None) -> int:
         return _token_command(args)
     if not Path(settings.modules).is_dir():
         return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
-    for name in ("workers", "timeout", "max_body", "concurrency"):
+    for name in ("workers", "timeout", "max_body", "max_result", "concurrency"):
         if getattr(settings, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be positive")
     if settings.rate < 0:
@@ -1328,6 +1486,7 @@ def main(argv: list[str] | None = None) -> int:
     origin = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
         app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
+        app.exit_grace = EXIT_GRACE
         log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
         serve(app)
         return 0

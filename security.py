@@ -11,6 +11,7 @@ Nothing in this section reads the clock; time comes in as ``iat`` or ``step`` pa
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import contextlib
 import hashlib
@@ -654,6 +655,8 @@ def write_credential(path: str | os.PathLike[str], credential: Credential) -> No
 # connection (the CLI, another worker) committed a change, checked at most once a second.
 
 GRACE_SECONDS = 600  # how long the old kid keeps working after its successor's first use
+ADMIN_WAIT = 5.0  # seconds an admin change waits for another connection's write lock
+REQUEST_WAIT = 0.1  # ... and a change made on the request path (promotion, OTP), which holds up the worker
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -752,7 +755,7 @@ class Keystore:
         self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path))
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm follow its mode
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=ADMIN_WAIT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # keys are few and precious: every commit durable
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -770,15 +773,22 @@ class Keystore:
         self._db.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, wait: float = ADMIN_WAIT) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if wait != ADMIN_WAIT:
+                self._db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            finally:
+                if wait != ADMIN_WAIT:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(ADMIN_WAIT * 1000)}")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) may leave it open
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             self._cache = None  # our own commits do not move data_version: drop the cache now
 
     # -- secrets at rest
@@ -859,10 +869,12 @@ class Keystore:
     def promote(self, kid: str) -> bool:
         """First valid use of a pending kid: it becomes active, its parent retiring (PROTOCOL 5.4).
 
-        Idempotent across workers: only the first caller finds it still pending.
+        Idempotent across workers: only the first caller finds it still pending. It runs on the
+        request path, so it waits at most REQUEST_WAIT for another connection's write lock, then
+        raises; the middleware serves the call anyway and a later call under the kid retries.
         """
         now = int(self.clock())
-        with self._transaction() as db:
+        with self._transaction(REQUEST_WAIT) as db:
             row = db.execute("SELECT parent FROM credentials WHERE kid = ? AND state = 'pending'", (kid,)).fetchone()
             if row is None:
                 return False
@@ -916,7 +928,7 @@ class Keystore:
         current = totp.timecode(now)
         for timecode in (current - 1, current, current + 1):
             if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()):
-                with self._transaction() as db:
+                with self._transaction(REQUEST_WAIT) as db:
                     updated = db.execute(
                         "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
                     ).rowcount
@@ -1281,37 +1293,91 @@ class MemoryReplayStore:
             self._seen.difference_update(self._buckets.pop(expires_at))
 
 
+class _Busy(Exception):
+    """Another connection holds the SQLite write lock."""
+
+
 class SqliteReplayStore:
-    """Several worker processes on one host share one WAL database file."""
+    """Several worker processes on one host share one WAL database file.
+
+    Called on the event loop, it never waits there for a lock another connection holds (a
+    backup, a long transaction, another worker): a busy database is retried in a thread for up
+    to ``timeout`` seconds, so a locked store delays (then fails) its own calls, not the worker.
+    """
 
     shared = True
 
     def __init__(
-        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time, purge_every: int = 1000
+        self,
+        path: str | os.PathLike[str],
+        clock: Callable[[], float] = time.time,
+        purge_every: int = 1000,
+        timeout: float = 2.0,
     ) -> None:
         self.path = os.fspath(path)
         self.clock = clock
         self.purge_every = purge_every
+        self.timeout = timeout
         self._inserts = 0
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=2.0)
+        self._db = self._connect(0)  # the event loop's: fails at once when busy
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (k BLOB PRIMARY KEY, exp INTEGER NOT NULL) WITHOUT ROWID")
         self._lock = threading.Lock()
+        self._waiting_db: sqlite3.Connection | None = None  # a thread's, that waits: made when first needed
+        self._waiting_lock = threading.Lock()
 
-    def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
+        return db
+
+    def check_and_insert(self, key: bytes, expires_at: int) -> bool | Awaitable[bool]:
+        """True the first time; an awaitable of it when called on an event loop and the database is busy."""
         try:
-            with self._lock:
-                new = (
-                    self._db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount
-                    == 1
-                )
-                self._inserts += 1
-                if self._inserts % self.purge_every == 0:
-                    self._db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
-                return new
+            asyncio.get_running_loop()
+        except RuntimeError:  # a plain caller may wait
+            return self._insert_waiting(key, expires_at, time.monotonic() + self.timeout)
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._insert(self._db, key, expires_at)
+            except _Busy:
+                pass
+            finally:
+                self._lock.release()
+        return asyncio.to_thread(self._insert_waiting, key, expires_at, time.monotonic() + self.timeout)
+
+    def _insert(self, db: sqlite3.Connection, key: bytes, expires_at: int) -> bool:
+        try:
+            new = db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount == 1
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise _Busy() from None
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         except sqlite3.Error as exc:
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        self._inserts += 1
+        if self._inserts % self.purge_every == 0:
+            # Best effort: the insert above is committed, so a busy purge must not make it retried
+            # (which would find the key and call a fresh token a replay). The next purge catches up.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
+        return new
+
+    def _insert_waiting(self, key: bytes, expires_at: int, deadline: float) -> bool:
+        if not self._waiting_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ReplayStoreError(f"sqlite replay store: still locked after {self.timeout:g} s")
+        try:
+            if self._waiting_db is None:
+                self._waiting_db = self._connect(self.timeout)
+            remaining = max(0.0, deadline - time.monotonic())
+            self._waiting_db.execute(f"PRAGMA busy_timeout = {int(remaining * 1000)}")
+            return self._insert(self._waiting_db, key, expires_at)
+        except _Busy:
+            raise ReplayStoreError(f"sqlite replay store: still locked after {self.timeout:g} s") from None
+        except sqlite3.Error as exc:
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        finally:
+            self._waiting_lock.release()
 
     def __len__(self) -> int:
         with self._lock:
@@ -1558,7 +1624,14 @@ class Security:
             self._failed("replayed")
             return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
         if key.state == "pending":  # 10
-            if self.keystore.promote(key.kid):
+            try:
+                promoted = self.keystore.promote(key.kid)
+            except (sqlite3.Error, OSError) as exc:
+                # Locked, read-only or full. The call is still good: a pending kid is as valid as an
+                # active one, and only the old kid's retirement waits. The next call under it retries.
+                log.error("request %s: kid %s not promoted yet: %s", request_id.decode(), key.kid, exc)
+                promoted = False
+            if promoted:
                 log.info(
                     "request %s: tenant %s now signs with kid %s; the old kid retires in %d s",
                     request_id.decode(),
