@@ -1121,7 +1121,9 @@ def serve(app: Gateway, host: str | None = None, port: int | None = None) -> Non
 def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
     import uvicorn
 
-    extra.setdefault("http", "gateway:http_protocol")  # by name: --workers passes it to other processes
+    # By name only for --workers (other processes import it); in this process, the function itself:
+    # by name, `python gateway.py` would import this file a second time, as the module "gateway".
+    extra.setdefault("http", "gateway:http_protocol" if extra.get("workers", 1) > 1 else http_protocol)
     return uvicorn.Config(
         app,
         log_level=settings.log_level,
