@@ -47,6 +47,7 @@ from security import (
     TENANT_KEY,
     Credential,
     Keystore,
+    KeystoreUnavailable,
     RedisKeystore,
     Security,
     b64encode,
@@ -740,8 +741,14 @@ class Gateway:
                 f"`{fn.name}` allows {rate:g} calls per second; retry in {wait:.2g} s",
                 ((b"retry-after", str(math.ceil(wait)).encode()),),
             )
-        if fn.otp and (caller is None or not caller.check_otp()):
-            raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
+        if fn.otp:
+            try:
+                passed = caller is not None and caller.check_otp()
+            except KeystoreUnavailable as exc:
+                log.error("request %s: %s", scope[REQUEST_ID_KEY].decode(), exc)
+                raise GatewayError(503, "overloaded", "key store unavailable") from None
+            if not passed:
+                raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
         kwargs = bind(fn, body, var1, func_name)
         return await self.dispatcher.call(fn, kwargs)
 

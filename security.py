@@ -928,10 +928,13 @@ class Keystore:
         current = totp.timecode(now)
         for timecode in (current - 1, current, current + 1):
             if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()):
-                with self._transaction(REQUEST_WAIT) as db:
-                    updated = db.execute(
-                        "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
-                    ).rowcount
+                try:
+                    with self._transaction(REQUEST_WAIT) as db:
+                        updated = db.execute(
+                            "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
+                        ).rowcount
+                except sqlite3.Error as exc:  # a code not recorded as used could be used twice: fail closed
+                    raise KeystoreUnavailable(f"keystore: cannot record the authenticator code: {exc}") from None
                 return updated == 1
         return False
 
@@ -1000,7 +1003,8 @@ class Keystore:
 
 
 class KeystoreUnavailable(OSError):
-    """The shared keystore (Redis) did not answer: no key can be trusted, so nothing is served."""
+    """The keystore cannot be read (Redis did not answer) or a check cannot be recorded (SQLite
+    locked): nothing that depends on it is served, a 503 instead."""
 
 
 class RedisKeystore(Keystore):

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyotp
 import pytest
 import uvicorn
 from test_security import T0, Answer, Clock, Cred, Stack, make_stack, response_claims
@@ -550,6 +551,23 @@ def test_a_locked_keystore_defers_a_promotion_and_serves_the_call(tmp_path, serv
     assert stack.call(successor).status == 200  # the lock is gone: promoted on this call
     assert states(stack) == ["retiring", "active"]
     assert stack.call().status == 200  # the old key, in its grace period
+
+
+def test_a_locked_keystore_fails_an_otp_call_closed_with_a_signed_503(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
+    """A right code that cannot be recorded as used could be used twice: 503, not a call and not a 500."""
+    stack = make_stack(tmp_path, serve)
+    totp = pyotp.TOTP(stack.keystore.otp_enroll("acme"))
+    stack.clock.now += 1.5
+    locker = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    try:
+        answer = stack.call(target="/rest/guarded", body=b"", otp=totp.at(stack.clock.now))
+        assert answer.status == 503 and json.loads(answer.body)["error"]["code"] == "overloaded"
+        response_claims(stack, answer)  # after the token verified: signed
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert stack.call(target="/rest/guarded", body=b"", otp=totp.at(stack.clock.now)).status == 200  # by itself
 
 
 def tenant_cli(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
