@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import itertools
 import logging
+import math
 import os
 import pkgutil
 import re
@@ -40,10 +41,13 @@ import msgspec
 from security import (
     BODY_KEY,
     CALLER_KEY,
+    FAILURE_REASONS,
+    MAX_BODY_KEY,
     REQUEST_ID_KEY,
     TENANT_KEY,
     Credential,
     Keystore,
+    KeystoreUnavailable,
     RedisKeystore,
     Security,
     b64encode,
@@ -91,7 +95,9 @@ class Settings:
     db: str = "gateway.db"
     workers: int = 1
     timeout: float = 30.0
-    max_body: int = 1 << 20
+    max_body: int = 1 << 20  # default for functions whose entry sets none
+    rate: float = 0  # default calls per second per tenant and function; 0: unlimited
+    max_result: int = 16 << 20  # the largest encoded result sent; it is built (and signed) whole in memory
     concurrency: int = 1024
     threads: int = 40
     log_level: str = "info"
@@ -101,6 +107,7 @@ class Settings:
     keystore: str = ""  # "": SQLite at db; redis://...: one keystore shared by every host
     rotate_days: float = 0  # rotate credentials older than this many days; 0: only on demand
     reload: bool = True  # watch the modules folder and swap in what changed
+    metrics: bool = False  # serve GET /metrics (Prometheus text format)
 
     @property
     def audience(self) -> str:
@@ -134,6 +141,8 @@ class Entry(msgspec.Struct, forbid_unknown_fields=True):
     doc: str | None = None
     inline: bool = False
     otp: bool = False
+    max_body: typing.Annotated[int, msgspec.Meta(ge=0)] | None = None  # bytes; None: the global default
+    rate: typing.Annotated[float, msgspec.Meta(ge=0)] | None = None  # calls/s per tenant; 0: unlimited
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,6 +158,8 @@ class Exposed:
     tenants: frozenset[str] | None  # None: every tenant
     doc: str
     otp: bool
+    max_body: int | None  # None: Settings.max_body
+    rate: float | None  # None: Settings.rate
     params: frozenset[str]
     first: str | None  # the parameter the URL's <var1> binds
     args_type: Any  # a TypedDict: what the arguments are decoded into
@@ -185,6 +196,11 @@ class Catalog:
 
     functions: dict[str, Exposed]
     refused: tuple[Refusal, ...]
+    max_body: int = dataclasses.field(init=False, default=0)  # the largest any entry allows
+
+    def __post_init__(self) -> None:
+        largest = max((fn.max_body or 0 for fn in self.functions.values()), default=0)
+        object.__setattr__(self, "max_body", largest)
 
 
 class Refused(Exception):
@@ -222,9 +238,13 @@ def load_modules(
         functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
         refused = [refusal for refusal in previous.refused if refusal.source not in changed]
         packages = ()  # installed packages do not change under a running gateway
+    cwd = os.getcwd()
     for source, import_module in _module_sources(path, packages, f"_gw{_generation}", only):
         try:
-            module = import_module()
+            try:
+                module = import_module()
+            finally:
+                _keep_cwd(cwd, source)
             exposed = _exposed_of(module, source)
             for item in exposed:
                 if item.name in functions:
@@ -246,6 +266,15 @@ def load_modules(
     return Catalog(functions, tuple(refused))
 
 
+def _keep_cwd(cwd: str, source: str) -> None:
+    """Undo a module's os.chdir at import: the gateway names its modules folder, keystore and
+    credential files relative to the working directory, so a module that moved it would break
+    every later import and every reload (the watcher would look for the folder elsewhere)."""
+    if os.getcwd() != cwd:
+        log.warning("%s changed the working directory at import; changed it back to %s", source, cwd)
+        os.chdir(cwd)
+
+
 def _generation_of(fn: Exposed) -> str:
     return fn.func.__module__.split(".", 1)[0]
 
@@ -254,12 +283,22 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
     """Drop from sys.modules the generations a reload replaced and nothing serves any more.
 
     Without this every reload would keep its module objects alive for ever; a generation that
-    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports.
+    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports, but not
+    the modules of it that were replaced: whatever such a module holds (a cache, a leak) is
+    freed by reloading it, whatever else its generation still serves.
     """
     gone = {_generation_of(fn) for fn in replaced} - {_generation_of(fn) for fn in serving} - {f"_gw{_generation}"}
     gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
     for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
         del sys.modules[name]
+    stale = {fn.func.__module__ for fn in replaced} - {fn.func.__module__ for fn in serving}
+    for name in stale:
+        if re.fullmatch(r"_gw\d+\..+", name):
+            sys.modules.pop(name, None)
+            parent, _, child = name.rpartition(".")
+            package = sys.modules.get(parent)
+            if package is not None:  # importing _gwN.x also set it as an attribute of the package
+                vars(package).pop(child, None)
 
 
 def _module_sources(
@@ -372,6 +411,8 @@ def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
         tenants=None if entry.tenants is None else frozenset(entry.tenants),
         doc=entry.doc if entry.doc is not None else inspect.cleandoc(func.__doc__ or ""),
         otp=entry.otp,
+        max_body=entry.max_body,
+        rate=entry.rate,
         params=frozenset(fields),
         first=first,
         args_type=args_type,
@@ -497,6 +538,28 @@ class Dispatcher:
             raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
 
 
+class RateLimits:
+    """Token buckets per (tenant, function): ``rate`` calls per second on average, in bursts
+    of up to ``max(rate, 1)``. Kept per process: with ``--workers N`` a tenant may reach N
+    times the rate (README, "Limits"). ``clock`` is a parameter so tests need not wait."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[tuple[str | None, str], tuple[float, float]] = {}  # -> (tokens, at)
+
+    def wait(self, tenant: str | None, function: str, rate: float) -> float:
+        """Take one call from the bucket: 0.0 if it may run now, else the seconds until one may."""
+        now = self.clock()
+        capacity = max(rate, 1.0)
+        tokens, at = self._buckets.get((tenant, function), (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * rate)
+        if tokens >= 1:
+            self._buckets[(tenant, function)] = (tokens - 1, now)
+            return 0.0
+        self._buckets[(tenant, function)] = (tokens, now)
+        return (1 - tokens) / rate
+
+
 #### HTTP
 
 _SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
@@ -556,8 +619,11 @@ class Gateway:
         self.loaded_at = time.time()  # what the watcher compares mtimes with (create_app sets it exactly)
         self.reloads = 0
         self.dispatcher = Dispatcher(settings)
+        self.limits = RateLimits()
         self.access = AccessLog()
+        self.exit_grace: float | None = None  # the CLI's processes only: see _end_process_after
         self.security = security if isinstance(security, Security) else None
+        self.metrics = Metrics(self) if settings.metrics else None
         wrap = security.wrap if isinstance(security, Security) else security
         self.secured = wrap is not None  # /rest needs a token: what /openapi.json tells clients
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
@@ -566,6 +632,7 @@ class Gateway:
                 Route("/healthz", self._healthz),
                 Route("/openapi.json", self._openapi),
                 Route("/console", self._console),
+                *([Route("/metrics", self._metrics)] if self.metrics else []),
                 Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
             ],
             exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
@@ -576,7 +643,13 @@ class Gateway:
         path = scope.get("path", "")
         if scope["type"] == "http" and (path == "/rest" or path.startswith("/rest/")):
             scope[REQUEST_ID_KEY] = _request_id(scope)
-            await self.rest(scope, receive, send)
+            # Read up to the largest limit of any function, for every path alike: a limit that
+            # depended on the URL would tell unauthenticated callers which functions exist.
+            scope[MAX_BODY_KEY] = max(self.settings.max_body, self.catalog.max_body)
+            if self.metrics is None:
+                await self.rest(scope, receive, send)
+            else:
+                await self.metrics.track(self.rest, scope, receive, send)
         else:
             await self.site(scope, receive, send)
 
@@ -592,6 +665,8 @@ class Gateway:
             task.cancel()
         self.dispatcher.close()
         self.access.flush()
+        if self.exit_grace is not None:
+            _end_process_after(self.exit_grace)
 
     async def _rotate_by_policy(self, keystore: Keystore) -> None:
         """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials."""
@@ -615,6 +690,8 @@ class Gateway:
             func_name, var1 = _split_rest_path(scope)
             result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
             status, body = 200, msgspec.json.encode({"results": result, "valid": True})
+            if len(body) > self.settings.max_result:
+                raise GatewayError(500, "internal_error", f"the result is over {self.settings.max_result} bytes")
             extra: tuple[tuple[bytes, bytes], ...] = ()
         except GatewayError as exc:
             status, body, extra = exc.status, error_body(exc.code, exc.message), exc.headers
@@ -659,9 +736,7 @@ class Gateway:
         if method != "POST":
             allow = b"GET, POST" if func_name is None else b"POST"
             raise GatewayError(405, "method_not_allowed", f"use {allow.decode()}", ((b"allow", allow),))
-        body = (
-            scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, self.settings.max_body)
-        )
+        body = scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, scope[MAX_BODY_KEY])
         if body and content_type.split(b";", 1)[0].strip().lower() != _JSON:
             raise GatewayError(415, "unsupported_media_type", "send the arguments as application/json")
         if func_name is None:
@@ -672,8 +747,25 @@ class Gateway:
         fn = self.catalog.functions.get(func_name)
         if fn is None or not fn.allows(caller):
             raise GatewayError(404, "not_found", "no such function")
-        if fn.otp and (caller is None or not caller.check_otp()):
-            raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
+        max_body = self.settings.max_body if fn.max_body is None else fn.max_body
+        if len(body) > max_body:
+            raise GatewayError(413, "too_large", f"`{fn.name}` accepts at most {max_body} bytes")
+        rate = self.settings.rate if fn.rate is None else fn.rate
+        if rate and (wait := self.limits.wait(caller and caller.tenant, fn.name, rate)):
+            raise GatewayError(
+                429,
+                "rate_limited",
+                f"`{fn.name}` allows {rate:g} calls per second; retry in {wait:.2g} s",
+                ((b"retry-after", str(math.ceil(wait)).encode()),),
+            )
+        if fn.otp:
+            try:
+                passed = caller is not None and caller.check_otp()
+            except KeystoreUnavailable as exc:
+                log.error("request %s: %s", scope[REQUEST_ID_KEY].decode(), exc)
+                raise GatewayError(503, "overloaded", "key store unavailable") from None
+            if not passed:
+                raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
         kwargs = bind(fn, body, var1, func_name)
         return await self.dispatcher.call(fn, kwargs)
 
@@ -701,6 +793,13 @@ class Gateway:
 
     async def _openapi(self, request: Any) -> Any:
         return _json_response(openapi(self.catalog, secured=self.secured))
+
+    async def _metrics(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        assert self.metrics is not None
+        body, content_type = await asyncio.to_thread(self.metrics.render)  # a SQLite count may block
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     async def _console(self, request: Any) -> Any:
         from starlette.responses import FileResponse
@@ -939,9 +1038,91 @@ def open_keystore(settings: Settings) -> Keystore:
 
 def build_security(settings: Settings) -> Security:
     keystore = open_keystore(settings)
-    return Security(
-        keystore, open_replay_store(settings.replay, settings.db), settings.audience, max_body=settings.max_body
-    )
+    return Security(keystore, open_replay_store(settings.replay, settings.db), settings.audience)
+
+
+#### Metrics
+
+
+class Metrics:
+    """``GET /metrics`` in Prometheus text format (``--metrics``), through prometheus_client.
+
+    With ``--workers N`` the numbers must add up over every worker, whichever one answers the
+    scrape: prometheus_client's multiprocess mode does that through files in
+    PROMETHEUS_MULTIPROC_DIR (``main`` sets one up). Labels only ever take bounded values:
+    functions of the catalog (else "-"), verified tenants (else "-"), statuses, and
+    security.FAILURE_REASONS, so no request can add a series.
+    """
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+    def __init__(self, gateway: Gateway) -> None:
+        import prometheus_client as prom
+
+        self.gateway = gateway
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # One registry per app (tests build many); in multiprocess mode values live in files.
+        self.registry = None if self.multiprocess else prom.CollectorRegistry()
+        kw: dict[str, Any] = {"registry": self.registry}
+        self.requests = prom.Counter(
+            "gateway_requests", "Answers under /rest, by function, status and verified tenant",
+            ["function", "status", "tenant"], **kw,
+        )  # fmt: skip
+        self.latency = prom.Histogram(
+            "gateway_request_seconds", "Time from request to answer under /rest, by function", ["function"],
+            buckets=self.BUCKETS, **kw,
+        )  # fmt: skip
+        self.token_failures = prom.Counter(
+            "gateway_token_failures", "Requests refused before their call, by reason", ["reason"], **kw
+        )
+        self.reloads = prom.Counter("gateway_reloads", "Reloads of the modules folder since start", **kw)
+        last = {**kw, "multiprocess_mode": "mostrecent"}
+        self.functions = prom.Gauge("gateway_functions", "Functions served", **last)
+        self.refused = prom.Gauge("gateway_refused_modules", "Modules refused by the last load", **last)
+        self.replay_entries = prom.Gauge(
+            "gateway_replay_store_entries", "Token ids remembered by the replay store (memory, SQLite)", **last
+        )
+        for reason in FAILURE_REASONS:  # every reason present from the start, at 0
+            self.token_failures.labels(reason)
+        if gateway.security is not None:
+            gateway.security.on_failure = lambda reason: self.token_failures.labels(reason).inc()
+
+    async def track(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 500  # what the server answers if the app fails before it does
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            name = scope.get("gateway.function")
+            if name is None:  # refused before dispatch: the name the URL gives, if any
+                with contextlib.suppress(GatewayError):
+                    name = _split_rest_path(scope)[0]
+            function = name if name in self.gateway.catalog.functions else "-"
+            self.requests.labels(function, str(status), scope.get(TENANT_KEY, "-")).inc()
+            self.latency.labels(function).observe(time.perf_counter() - started)
+
+    def render(self) -> tuple[bytes, str]:
+        import prometheus_client as prom
+        from prometheus_client import multiprocess
+
+        catalog = self.gateway.catalog
+        self.functions.set(len(catalog.functions))
+        self.refused.set(len(catalog.refused))
+        store = self.gateway.security.replay if self.gateway.security is not None else None
+        if store is not None and hasattr(store, "__len__"):  # Redis: use a Redis exporter
+            self.replay_entries.set(len(store))
+        registry = self.registry
+        if registry is None:
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
 
 
 #### Hot reload
@@ -989,6 +1170,8 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
         catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
     gateway.catalog = catalog
     gateway.reloads += 1
+    if gateway.metrics is not None:
+        gateway.metrics.reloads.inc()
     log.info(
         "reloaded %s in %.0f ms: %d functions, %d refused",
         ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
@@ -997,6 +1180,27 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
 
 
 #### Serving
+
+EXIT_GRACE = 2.0  # seconds a stopped gateway process may take to exit before it is ended
+
+
+def _end_process_after(seconds: float) -> None:
+    """End this process ``seconds`` from now unless it has exited by then.
+
+    Python's exit waits for every non-daemon thread: a sync function that hangs (a thread
+    cannot be killed, and the thread pool is joined at exit) or a thread a module started
+    would keep a gateway that has drained and stopped alive until SIGKILL. Only the CLI's
+    processes arm this (``exit_grace``); a script that embeds the gateway owns its process.
+    """
+
+    def end() -> None:
+        time.sleep(seconds)
+        running = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        log.warning("exiting with %d thread(s) still running: %s", len(running), ", ".join(running))
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=end, name="gateway-exit", daemon=True).start()
 
 
 def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
@@ -1018,6 +1222,9 @@ def serve(app: Gateway, host: str | None = None, port: int | None = None) -> Non
 def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
     import uvicorn
 
+    # By name only for --workers (other processes import it); in this process, the function itself:
+    # by name, `python gateway.py` would import this file a second time, as the module "gateway".
+    extra.setdefault("http", "gateway:http_protocol" if extra.get("workers", 1) > 1 else http_protocol)
     return uvicorn.Config(
         app,
         log_level=settings.log_level,
@@ -1026,6 +1233,108 @@ def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
         timeout_graceful_shutdown=10,
         **extra,
     )
+
+
+HEAD_LIMIT = 64 * 1024  # bytes of request line and headers; nginx allows 32 KiB by default
+HEAD_TIMEOUT = 10.0  # seconds from a connection (or a request's first byte) to the end of its headers
+BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte arriving
+
+
+def http_protocol(
+    *, head_limit: int = HEAD_LIMIT, head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT, **kw: Any
+) -> Any:
+    """uvicorn's HTTP protocol (httptools) with the limits it leaves out; uvicorn calls this per connection.
+
+    uvicorn reads a request head of any size and waits for it for ever: one client could hold
+    memory without bound, and idle or trickling connections (slowloris) stay open until the
+    file descriptors run out. Here a head over ``head_limit`` bytes is answered 431 and one not
+    complete ``head_timeout`` s after the connection opened (or the request began) 408, both
+    JSON, and the connection closed; a body that goes ``body_timeout`` s without a byte is
+    dropped, which the call sees as a disconnect. Tests pass small limits with functools.partial.
+    """
+    protocol = _guarded_http()(**kw)
+    protocol.limits = (head_limit, head_timeout, body_timeout)
+    return protocol
+
+
+@functools.cache
+def _guarded_http() -> type:
+    import http
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc]
+        limits = (HEAD_LIMIT, HEAD_TIMEOUT, BODY_TIMEOUT)
+        _timer: asyncio.TimerHandle | None = None
+        _head = 0  # bytes of the request head received so far; -1 once it is complete
+        _too_large = False
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm(self.limits[1], self._head_timed_out)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._arm(None)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._head >= 0:
+                self._head += len(data)
+            super().data_received(data)
+            if (self._too_large or self._head > self.limits[0]) and not self.transport.is_closing():
+                self._refuse(431, "too_large", f"the request head is over {self.limits[0]} bytes")
+
+        def on_message_begin(self) -> None:
+            if self._too_large:
+                return
+            self._head = 0
+            self._arm(self.limits[1], self._head_timed_out)
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            # Exactly, as on the wire: a head that arrived in one read is not counted above.
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if self._too_large or size > self.limits[0]:
+                self._too_large = True
+                return
+            self._head = -1
+            self._arm(self.limits[2], self._body_timed_out)
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._too_large:
+                self._arm(self.limits[2], self._body_timed_out)
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._too_large:
+                self._arm(None)
+                super().on_message_complete()
+
+        def _arm(self, seconds: float | None, then: Callable[[], None] | None = None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None if seconds is None or then is None else self.loop.call_later(seconds, then)
+
+        def _head_timed_out(self) -> None:
+            if self._head >= 0 and not self.transport.is_closing():
+                self._refuse(408, "timeout", f"the request head did not arrive within {self.limits[1]:g} s")
+
+        def _body_timed_out(self) -> None:
+            if not self.transport.is_closing():
+                log.info("closed a connection whose request body stalled for %g s", self.limits[2])
+                self.transport.close()
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            body = error_body(code, message)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(), len(body), body)
+            )
+            self.transport.close()
+            self._arm(None)
+
+    return GuardedHttp
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -1050,7 +1359,9 @@ def app_from_env() -> Gateway:
     """The factory each worker process calls (``--workers N``): settings come from GATEWAY_*."""
     settings = _settings(_parser().parse_args([]))
     _configure_logging(settings.log_level)
-    return create_app(settings.modules, settings=settings)
+    app = create_app(settings.modules, settings=settings)
+    app.exit_grace = EXIT_GRACE
+    return app
 
 
 #### CLI
@@ -1062,7 +1373,9 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("db", str, "keystore file (SQLite); its master key is <db>.key unless GATEWAY_MASTER_KEY is set"),
     ("workers", int, "processes serving the port (needs --replay sqlite)"),
     ("timeout", float, "seconds a call may take, unless its entry sets one"),
-    ("max_body", int, "largest request body in bytes"),
+    ("max_body", int, "largest request body in bytes, unless a function's entry sets max_body"),
+    ("rate", float, "calls per second per tenant and function, unless its entry sets rate (0: no limit)"),
+    ("max_result", int, "largest result in bytes, encoded; a bigger one is a 500"),
     ("concurrency", int, "calls in progress (per process) before 503"),
     ("log_level", str, "debug, info, warning or error"),
     ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
@@ -1099,6 +1412,12 @@ def _parser() -> argparse.ArgumentParser:
         help="do not watch the modules folder for changes (env GATEWAY_RELOAD=0)",
     )
     parser.add_argument(
+        "--metrics",
+        action="store_true",
+        default=os.environ.get("GATEWAY_METRICS", "0").lower() in ("1", "true", "yes", "on"),
+        help="serve GET /metrics in Prometheus text format (env GATEWAY_METRICS=1)",
+    )
+    parser.add_argument(
         "--package",
         action="append",
         default=[p for p in os.environ.get("GATEWAY_PACKAGE", "").split(",") if p],
@@ -1130,7 +1449,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = {name: getattr(args, name) for name, _, _ in _OPTIONS}
-    return Settings(packages=tuple(args.package), reload=args.reload, **fields)
+    return Settings(packages=tuple(args.package), reload=args.reload, metrics=args.metrics, **fields)
 
 
 def _configure_logging(level: str) -> None:
@@ -1183,6 +1502,8 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
             print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
     except (ValueError, OSError) as exc:  # OSError: the shared keystore is unreachable
         return _fail(str(exc))
+    except sqlite3.Error as exc:  # locked, read-only or full: the change was rolled back
+        return _fail(f"the keystore {settings.db} was not changed: {exc}")
     finally:
         keystore.close()
     return 0
@@ -1245,9 +1566,11 @@ def main(argv: list[str] | None = None) -> int:
         return _token_command(args)
     if not Path(settings.modules).is_dir():
         return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
-    for name in ("workers", "timeout", "max_body", "concurrency"):
+    for name in ("workers", "timeout", "max_body", "max_result", "concurrency"):
         if getattr(settings, name) <= 0:
             return _fail(f"--{name.replace('_', '-')} must be positive")
+    if settings.rate < 0:
+        return _fail("--rate must be 0 (no limit) or positive")
     if settings.auth not in ("stt1", "off"):
         return _fail("--auth must be stt1 or off")
     if settings.auth == "stt1":
@@ -1266,6 +1589,7 @@ def main(argv: list[str] | None = None) -> int:
     origin = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
         app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
+        app.exit_grace = EXIT_GRACE
         log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
         serve(app)
         return 0
@@ -1278,7 +1602,14 @@ def main(argv: list[str] | None = None) -> int:
     sock = _listen(settings.host, settings.port)
     config = _uvicorn_config("gateway:app_from_env", settings, factory=True, workers=settings.workers)
     log.info("serving %s on %s with %d workers", settings.modules, origin, settings.workers)
-    uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
+    with contextlib.ExitStack() as cleanup:
+        if settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # The workers add up their numbers through files here (see Metrics); a fresh folder per run.
+            import tempfile
+
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gateway-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
     return 0
 
 

@@ -11,6 +11,7 @@ Nothing in this section reads the clock; time comes in as ``iat`` or ``step`` pa
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import contextlib
 import hashlib
@@ -654,6 +655,8 @@ def write_credential(path: str | os.PathLike[str], credential: Credential) -> No
 # connection (the CLI, another worker) committed a change, checked at most once a second.
 
 GRACE_SECONDS = 600  # how long the old kid keeps working after its successor's first use
+ADMIN_WAIT = 5.0  # seconds an admin change waits for another connection's write lock
+REQUEST_WAIT = 0.1  # ... and a change made on the request path (promotion, OTP), which holds up the worker
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
@@ -752,7 +755,7 @@ class Keystore:
         self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path))
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm follow its mode
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=ADMIN_WAIT)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # keys are few and precious: every commit durable
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -770,15 +773,22 @@ class Keystore:
         self._db.close()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, wait: float = ADMIN_WAIT) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if wait != ADMIN_WAIT:
+                self._db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            finally:
+                if wait != ADMIN_WAIT:
+                    self._db.execute(f"PRAGMA busy_timeout = {int(ADMIN_WAIT * 1000)}")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) may leave it open
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
             self._cache = None  # our own commits do not move data_version: drop the cache now
 
     # -- secrets at rest
@@ -859,10 +869,12 @@ class Keystore:
     def promote(self, kid: str) -> bool:
         """First valid use of a pending kid: it becomes active, its parent retiring (PROTOCOL 5.4).
 
-        Idempotent across workers: only the first caller finds it still pending.
+        Idempotent across workers: only the first caller finds it still pending. It runs on the
+        request path, so it waits at most REQUEST_WAIT for another connection's write lock, then
+        raises; the middleware serves the call anyway and a later call under the kid retries.
         """
         now = int(self.clock())
-        with self._transaction() as db:
+        with self._transaction(REQUEST_WAIT) as db:
             row = db.execute("SELECT parent FROM credentials WHERE kid = ? AND state = 'pending'", (kid,)).fetchone()
             if row is None:
                 return False
@@ -916,10 +928,13 @@ class Keystore:
         current = totp.timecode(now)
         for timecode in (current - 1, current, current + 1):
             if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()):
-                with self._transaction() as db:
-                    updated = db.execute(
-                        "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
-                    ).rowcount
+                try:
+                    with self._transaction(REQUEST_WAIT) as db:
+                        updated = db.execute(
+                            "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
+                        ).rowcount
+                except sqlite3.Error as exc:  # a code not recorded as used could be used twice: fail closed
+                    raise KeystoreUnavailable(f"keystore: cannot record the authenticator code: {exc}") from None
                 return updated == 1
         return False
 
@@ -988,7 +1003,8 @@ class Keystore:
 
 
 class KeystoreUnavailable(OSError):
-    """The shared keystore (Redis) did not answer: no key can be trusted, so nothing is served."""
+    """The keystore cannot be read (Redis did not answer) or a check cannot be recorded (SQLite
+    locked): nothing that depends on it is served, a 503 instead."""
 
 
 class RedisKeystore(Keystore):
@@ -1281,37 +1297,91 @@ class MemoryReplayStore:
             self._seen.difference_update(self._buckets.pop(expires_at))
 
 
+class _Busy(Exception):
+    """Another connection holds the SQLite write lock."""
+
+
 class SqliteReplayStore:
-    """Several worker processes on one host share one WAL database file."""
+    """Several worker processes on one host share one WAL database file.
+
+    Called on the event loop, it never waits there for a lock another connection holds (a
+    backup, a long transaction, another worker): a busy database is retried in a thread for up
+    to ``timeout`` seconds, so a locked store delays (then fails) its own calls, not the worker.
+    """
 
     shared = True
 
     def __init__(
-        self, path: str | os.PathLike[str], clock: Callable[[], float] = time.time, purge_every: int = 1000
+        self,
+        path: str | os.PathLike[str],
+        clock: Callable[[], float] = time.time,
+        purge_every: int = 1000,
+        timeout: float = 2.0,
     ) -> None:
         self.path = os.fspath(path)
         self.clock = clock
         self.purge_every = purge_every
+        self.timeout = timeout
         self._inserts = 0
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=2.0)
+        self._db = self._connect(0)  # the event loop's: fails at once when busy
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (k BLOB PRIMARY KEY, exp INTEGER NOT NULL) WITHOUT ROWID")
         self._lock = threading.Lock()
+        self._waiting_db: sqlite3.Connection | None = None  # a thread's, that waits: made when first needed
+        self._waiting_lock = threading.Lock()
 
-    def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=timeout)
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a process crash loses no commit
+        return db
+
+    def check_and_insert(self, key: bytes, expires_at: int) -> bool | Awaitable[bool]:
+        """True the first time; an awaitable of it when called on an event loop and the database is busy."""
         try:
-            with self._lock:
-                new = (
-                    self._db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount
-                    == 1
-                )
-                self._inserts += 1
-                if self._inserts % self.purge_every == 0:
-                    self._db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
-                return new
+            asyncio.get_running_loop()
+        except RuntimeError:  # a plain caller may wait
+            return self._insert_waiting(key, expires_at, time.monotonic() + self.timeout)
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._insert(self._db, key, expires_at)
+            except _Busy:
+                pass
+            finally:
+                self._lock.release()
+        return asyncio.to_thread(self._insert_waiting, key, expires_at, time.monotonic() + self.timeout)
+
+    def _insert(self, db: sqlite3.Connection, key: bytes, expires_at: int) -> bool:
+        try:
+            new = db.execute("INSERT OR IGNORE INTO seen (k, exp) VALUES (?, ?)", (key, expires_at)).rowcount == 1
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise _Busy() from None
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         except sqlite3.Error as exc:
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        self._inserts += 1
+        if self._inserts % self.purge_every == 0:
+            # Best effort: the insert above is committed, so a busy purge must not make it retried
+            # (which would find the key and call a fresh token a replay). The next purge catches up.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
+        return new
+
+    def _insert_waiting(self, key: bytes, expires_at: int, deadline: float) -> bool:
+        if not self._waiting_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ReplayStoreError(f"sqlite replay store: still locked after {self.timeout:g} s")
+        try:
+            if self._waiting_db is None:
+                self._waiting_db = self._connect(self.timeout)
+            remaining = max(0.0, deadline - time.monotonic())
+            self._waiting_db.execute(f"PRAGMA busy_timeout = {int(remaining * 1000)}")
+            return self._insert(self._waiting_db, key, expires_at)
+        except _Busy:
+            raise ReplayStoreError(f"sqlite replay store: still locked after {self.timeout:g} s") from None
+        except sqlite3.Error as exc:
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        finally:
+            self._waiting_lock.release()
 
     def __len__(self) -> int:
         with self._lock:
@@ -1370,6 +1440,8 @@ REPLAY_TTL = 50  # a jti is remembered until iat + 50 (3.8): past every accepted
 CALLER_KEY = "gateway.caller"  # what the dispatcher reads: the verified Caller
 TENANT_KEY = "gateway.tenant"
 BODY_KEY = "gateway.body"
+MAX_BODY_KEY = "gateway.max_body"  # set by the gateway: the most it reads, the same for every path
+DEFAULT_MAX_BODY = 1 << 20  # when no gateway sets MAX_BODY_KEY
 REQUEST_ID_KEY = "gateway.request_id"
 
 _UNAUTHORIZED = b'{"valid":false,"error":{"code":"unauthorized","message":"missing, invalid or expired token"}}'
@@ -1400,7 +1472,30 @@ class Caller:
 
 
 class _Refused(Exception):
-    """A request that gets the one 401: the reason is for the log only."""
+    """A request that gets the one 401. The reason (one of FAILURE_REASONS) is counted in the
+    metrics and the detail logged; neither is ever told to the client."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+# Why a request was refused before its call, as counted by ``Security.on_failure``: a fixed
+# set, so a metric labelled with it stays small whatever clients send.
+FAILURE_REASONS = (
+    "missing",  # no Authorization header
+    "malformed",  # not one well-formed STT1 token, or a bad Content-Length
+    "direction",  # a response token sent as a request
+    "clock",  # iat outside the 45 s window
+    "before_boot",  # iat before this process started (memory replay store)
+    "unknown_kid",  # unknown, retired or expired key
+    "signature",  # the tag does not verify: tampered, another audience, another request
+    "replayed",  # a jti seen before
+    "throttled",  # too many failures from this address or for this tenant
+    "disconnected",  # the client went away before sending its body
+    "keystore_unavailable",  # fail closed: 503
+    "replay_store_unavailable",  # fail closed: 503
+)
 
 
 class Throttle:
@@ -1440,24 +1535,18 @@ class Security:
         replay: MemoryReplayStore | SqliteReplayStore | Any,
         audience: str,
         *,
-        max_body: int = 1 << 20,
         clock: Callable[[], float] = time.time,
         boot_time: float | None = None,
         throttle: Throttle | None = None,
     ) -> None:
-        self.keystore, self.replay, self.audience, self.max_body, self.clock = (
-            keystore,
-            replay,
-            audience.rstrip("/"),
-            max_body,
-            clock,
-        )
+        self.keystore, self.replay, self.audience, self.clock = keystore, replay, audience.rstrip("/"), clock
         # A memory store forgets everything on restart: tokens minted before this process
         # started might have been used against the previous one, so they are refused (3.3).
         # The boot second itself counts as "before": the safer reading of "iat >= boot time".
         boot = clock() if boot_time is None else boot_time
         self.min_iat = math.ceil(boot) if not getattr(replay, "shared", False) else 0
         self.throttle = throttle or Throttle()
+        self.on_failure: Callable[[str], None] | None = None  # called with a FAILURE_REASONS entry
         self._log_budget = (0, 0)  # (second, lines logged in it)
 
     def wrap(
@@ -1478,23 +1567,26 @@ class Security:
         if self.throttle.blocked("addr", address, now):
             return await self._throttled(send, request_id)
         tid = None
+        invalid = "malformed"  # what an InvalidToken means: until the shape is checked, a malformed token
         try:
             authorization, content_length, content_type = _read_headers(scope)
             parsed = parse(authorization)  # 2: shape and footer
+            invalid = "signature"
             footer = parsed.footer
             tid = footer.tid
             if footer.direction != "c2s":
-                raise _Refused("s2c token sent as a request")
+                raise _Refused("direction", "s2c token sent as a request")
             if self.throttle.blocked("tid", tid, now):
                 return await self._throttled(send, request_id)
             if abs(now - footer.iat) > MAX_SKEW:  # 3
-                raise _Refused(f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
+                raise _Refused("clock", f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
             if footer.iat < self.min_iat:
-                raise _Refused("iat before this process started (memory replay store)")
+                raise _Refused("before_boot", "iat before this process started (memory replay store)")
             try:
                 cache = self.keystore.snapshot()
             except KeystoreUnavailable as exc:  # no key can be trusted: fail closed
                 log.error("request %s: %s", request_id.decode(), exc)
+                self._failed("keystore_unavailable")
                 return await _reply(send, 503, _error(b"overloaded", b"key store unavailable"), request_id)
             key = cache.keys.get((tid, footer.kid))  # 4
             if key is None or not key.usable(now):
@@ -1502,10 +1594,11 @@ class Security:
                     log.warning(
                         "ALERT request %s: retired kid %s of tenant %s was used", request_id.decode(), footer.kid, tid
                     )
-                raise _Refused("unknown, retired or expired kid")
-            if content_length is not None and content_length > self.max_body:  # 5
+                raise _Refused("unknown_kid", "unknown, retired or expired kid")
+            max_body = scope.get(MAX_BODY_KEY, DEFAULT_MAX_BODY)
+            if content_length is not None and content_length > max_body:  # 5
                 return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
-            body = await _read_body(receive, self.max_body)
+            body = await _read_body(receive, max_body)
             if body is None:
                 return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
             target = scope.get("raw_path") or scope["path"].encode()
@@ -1514,9 +1607,10 @@ class Security:
             implicit = request_assertion(self.audience, scope["method"], target, content_type, body)
             claims = open_token(key.c2s, parsed, implicit).claims  # 6, 7
         except _Refused as exc:
-            return await self._unauthorized(send, request_id, address, tid, now, str(exc))
+            return await self._unauthorized(send, request_id, address, tid, now, exc.reason, str(exc))
         except InvalidToken:
-            return await self._unauthorized(send, request_id, address, tid, now, "token does not verify")
+            detail = "token does not verify" if invalid == "signature" else "malformed token"
+            return await self._unauthorized(send, request_id, address, tid, now, invalid, detail)
         assert isinstance(claims, RequestClaims)
 
         # From here on every answer is signed, bound to this request's jti.
@@ -1527,12 +1621,21 @@ class Security:
                 fresh = await fresh
         except Exception as exc:  # any store failure: fail closed
             log.error("request %s: replay store failed: %s", request_id.decode(), exc)
+            self._failed("replay_store_unavailable")
             return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)
         if not fresh:
             self._log(request_id, f"replayed jti from tenant {tid}")
+            self._failed("replayed")
             return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
         if key.state == "pending":  # 10
-            if self.keystore.promote(key.kid):
+            try:
+                promoted = self.keystore.promote(key.kid)
+            except (sqlite3.Error, OSError) as exc:
+                # Locked, read-only or full. The call is still good: a pending kid is as valid as an
+                # active one, and only the old kid's retirement waits. The next call under it retries.
+                log.error("request %s: kid %s not promoted yet: %s", request_id.decode(), key.kid, exc)
+                promoted = False
+            if promoted:
                 log.info(
                     "request %s: tenant %s now signs with kid %s; the old kid retires in %d s",
                     request_id.decode(),
@@ -1545,17 +1648,23 @@ class Security:
         scope[CALLER_KEY] = Caller(self, tid, cache.functions.get(tid), getattr(claims, "otp", None) or None)
         await app(scope, receive, signed_send)  # 9 happens in the dispatcher, 11 in signed_send
 
+    def _failed(self, reason: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(reason)
+
     async def _throttled(self, send: _Send, request_id: bytes) -> None:
+        self._failed("throttled")
         retry_after = ((b"retry-after", str(self.throttle.window).encode()),)
         await _reply(send, 429, _error(b"throttled", b"too many failed requests; retry later"), request_id, retry_after)
 
     async def _unauthorized(
-        self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str
+        self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str, detail: str
     ) -> None:
         self.throttle.fail("addr", address, now)
         if tid is not None:
             self.throttle.fail("tid", tid, now)
-        self._log(request_id, f"{reason} (tenant {tid or '-'}, address {address})")
+        self._failed(reason)
+        self._log(request_id, f"{detail} (tenant {tid or '-'}, address {address})")
         await _reply(send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
 
     def _log(self, request_id: bytes, reason: str) -> None:
@@ -1610,19 +1719,19 @@ def _read_headers(scope: _Scope) -> tuple[str, int | None, bytes]:
     for name, value in scope["headers"]:
         if name == b"authorization":
             if authorization is not None:
-                raise _Refused("more than one Authorization header")
+                raise _Refused("malformed", "more than one Authorization header")
             authorization = value
         elif name == b"content-length":
             try:
                 content_length = int(value)
             except ValueError:
-                raise _Refused("Content-Length is not a number") from None
+                raise _Refused("malformed", "Content-Length is not a number") from None
         elif name == b"content-type":
             content_type = bytes(value)
     if authorization is None:
-        raise _Refused("no Authorization header")
+        raise _Refused("missing", "no Authorization header")
     if len(authorization) > MAX_TOKEN_CHARS or not authorization.startswith(b"STT1 "):
-        raise _Refused("Authorization is not an STT1 token")
+        raise _Refused("malformed", "Authorization is not an STT1 token")
     return authorization[5:].decode("latin-1"), content_length, content_type
 
 
@@ -1633,7 +1742,7 @@ async def _read_body(receive: _Receive, limit: int) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _Refused("client went away before sending its body")
+            raise _Refused("disconnected", "client went away before sending its body")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

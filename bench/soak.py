@@ -211,7 +211,7 @@ def serve(opts: argparse.Namespace) -> None:
     gateway._configure_logging(settings.log_level)
     store = security.MemoryReplayStore(clock=clock)
     keystore = security.Keystore(settings.db)
-    guard = security.Security(keystore, store, settings.audience, max_body=settings.max_body, clock=clock)
+    guard = security.Security(keystore, store, settings.audience, clock=clock)
     app = gateway.create_app(settings.modules, settings=settings, security=guard)
     threading.Thread(target=_report, args=(store, clock, opts.stats), daemon=True).start()
     gateway.serve(app)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -103,7 +106,6 @@ def secured_server(
         keystore,
         security.MemoryReplayStore(),
         settings.audience,
-        max_body=settings.max_body,
         boot_time=time.time() - 1,
         throttle=throttle,
     )
@@ -119,3 +121,14 @@ def secured_server(
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Gateway processes a test starts (in their own session); all are killed, workers too, at the end."""
+    running: list[subprocess.Popen[str]] = []
+    yield running
+    for process in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -47,16 +45,6 @@ def stop(process: subprocess.Popen[str]) -> str:
     output, _ = process.communicate(timeout=20)
     assert process.returncode == 0, output
     return output
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    running: list[subprocess.Popen[str]] = []
-    yield running
-    for process in running:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
 
 
 def test_serves_the_folder_and_logs_one_access_line_per_request(processes) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ import pickle
 from pathlib import Path
 
 import msgspec
+import pyotp
 import pyseto
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -790,3 +791,33 @@ def test_unverified_token_cannot_be_opened_with_another_key(token: str) -> None:
     other = s.DirectionKey(os.urandom(32), "c2s", TID, KID)
     with pytest.raises(InvalidToken):
         s.open_token(other, parsed, request_implicit())
+
+
+def test_secrets_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Timing cannot be asserted on a shared machine; what can is that every comparison of a
+    secret-derived value (a tag, a footer, an authenticator code) goes through hmac.compare_digest."""
+    compared: list[tuple[bytes, bytes]] = []
+    real = s.hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(s.hmac, "compare_digest", recording)
+    token = s.encrypt(K, b"payload", b"footer")
+    body, _ = s.split(token)
+    forged = body[:-1] + bytes([body[-1] ^ 1])  # the last byte of the tag flipped
+    with pytest.raises(InvalidToken):
+        s.decrypt(K, f"v3.local.{s.b64encode(forged)}.{s.b64encode(b'footer')}")
+    assert len(compared) == 1 and compared[0][0] == forged[-48:] and len(compared[0][1]) == 48
+    compared.clear()
+    with pytest.raises(InvalidToken):
+        s.decrypt(K, token, footer=b"another")
+    assert compared == [(b"footer", b"another")]
+
+    keystore = s.Keystore(tmp_path / "gw.db")
+    keystore.add_tenant("acme")
+    right = pyotp.TOTP(keystore.otp_enroll("acme")).at(IAT)
+    compared.clear()
+    assert not keystore.check_otp("acme", "000000" if right != "000000" else "111111", IAT)
+    assert compared and all(len(a) == 6 for a, _ in compared)  # one per time step tried

@@ -173,10 +173,9 @@ def make_stack(
         AUD,
         clock=clock,
         boot_time=T0 - 100,
-        max_body=2000,
         throttle=throttle or s.Throttle(per_address=10**9, per_tenant=10**9),
     )
-    running = serve(gateway.create_app(FIXTURES / "e2e", security=security))
+    running = serve(gateway.create_app(FIXTURES / "e2e", security=security, max_body=2000))
     calls = running.app.catalog.functions["add"].func.__globals__["CALLS"]
     return Stack(running, keystore, security, clock, acme, globex, calls)
 
