@@ -891,8 +891,8 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
     )
     for schema in schemas[: len(functions)]:
         components[schema["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
-    # Without STT1 nothing checks tokens or counts failures: no 401, no 429.
-    statuses = {status: name for status, (name, _, _) in _ERRORS.items() if secured or status not in (401, 429)}
+    # Without STT1 nothing checks tokens: no 401 (and a 429 is only ever a function's rate).
+    statuses = {status: name for status, (name, _, _) in _ERRORS.items() if secured or status != 401}
     paths = {
         f"/rest/{fn.name}/": {
             "post": {
@@ -940,24 +940,31 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
     return document
 
 
-# Every error a function's endpoint can answer: (name in components.responses, code, when).
-_ERRORS: dict[int, tuple[str, str, str]] = {
-    400: ("BadJson", "bad_json", "the body is not a JSON object"),
-    401: ("Unauthorized", "unauthorized", "any token failure, or a missing or reused second factor"),
-    404: ("NotFound", "not_found", "no such function, or one this tenant may not call"),
-    413: ("TooLarge", "too_large", "the body is over the size limit; refused before it is read"),
-    415: ("UnsupportedMediaType", "unsupported_media_type", "a body that is not application/json"),
-    422: ("InvalidArguments", "invalid_arguments", "binding or validation failed; the message names the field"),
-    429: ("Throttled", "throttled", "too many failed calls from this address or for this tenant"),
-    500: ("InternalError", "internal_error", "the function raised, or returned something JSON cannot carry"),
-    503: ("Overloaded", "overloaded", "too many calls in progress, or the key or replay store is unavailable"),
-    504: ("Timeout", "timeout", "the call exceeded its timeout"),
+# Every error a function's endpoint can answer: (name in components.responses, codes, when).
+_ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
+    400: ("BadJson", ("bad_json",), "the body is not a JSON object"),
+    401: ("Unauthorized", ("unauthorized",), "any token failure, or a missing or reused second factor"),
+    404: ("NotFound", ("not_found",), "no such function, or one this tenant may not call"),
+    408: ("RequestTimeout", ("timeout",), "the request line and headers were too slow; the connection is closed"),
+    413: ("TooLarge", ("too_large",), "the body is over the largest limit (unread), or over the function's"),
+    415: ("UnsupportedMediaType", ("unsupported_media_type",), "a body that is not application/json"),
+    422: ("InvalidArguments", ("invalid_arguments",), "binding or validation failed; the message names the field"),
+    429: (
+        "TooManyRequests",
+        ("throttled", "rate_limited"),
+        "too many failed calls from this address or for this tenant, or over the function's rate",
+    ),
+    431: ("HeadTooLarge", ("too_large",), "the request line and headers are too large; the connection is closed"),
+    500: ("InternalError", ("internal_error",), "the function raised, or its result cannot be sent"),
+    503: ("Overloaded", ("overloaded",), "too many calls in progress, or the key or replay store is unavailable"),
+    504: ("Timeout", ("timeout",), "the call exceeded its timeout"),
 }
-# Answered before the request's token is verified, so never signed (PROTOCOL.md 3.11) ...
-_UNSIGNED = {413, 429}
-# ... or either way: a bad token is not signed, a replayed one or a missing second factor is;
-# an unavailable keystore is not, a full concurrency limit or replay store is.
-_SOMETIMES_SIGNED = {401, 503}
+# Refused by the HTTP protocol itself, before any request exists: no request id, no signature.
+_RAW = {408, 431}
+# Signed or not: a bad token, a body over the largest limit, a throttled address or an
+# unavailable keystore are answered before the token is verified (PROTOCOL.md 3.11); a replay,
+# a missing second factor, a function's own limit or rate, a full concurrency limit after it.
+_SOMETIMES_SIGNED = {401, 413, 429, 503}
 
 
 def _headers(secured: bool, signed: bool) -> dict[str, Any]:
@@ -979,15 +986,18 @@ def _headers(secured: bool, signed: bool) -> dict[str, Any]:
 
 def _error_response(status: int, secured: bool) -> dict[str, Any]:
     """A response object for one error status: its body, ``{"valid": false, "error": {...}}``."""
-    _, code, when = _ERRORS[status]
-    headers = _headers(secured, signed=status not in _UNSIGNED)
+    _, codes, when = _ERRORS[status]
+    if status == 429 and not secured:
+        codes = ("rate_limited",)  # nothing counts failed tokens
+    headers = {} if status in _RAW else _headers(secured, signed=True)
     if status in _SOMETIMES_SIGNED and "STT1-Response" in headers:
         headers["STT1-Response"]["required"] = False
     if status == 401:
         headers["WWW-Authenticate"] = {"required": True, "schema": {"const": "STT1"}}
     elif status == 429:
         headers["Retry-After"] = {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
-    detail = {"code": {"const": code}, "message": {"type": "string"}}
+    code = {"const": codes[0]} if len(codes) == 1 else {"enum": list(codes)}
+    detail = {"code": code, "message": {"type": "string"}}
     error = {"type": "object", "properties": detail, "required": ["code", "message"], "additionalProperties": False}
     body = {
         "type": "object",
@@ -995,7 +1005,8 @@ def _error_response(status: int, secured: bool) -> dict[str, Any]:
         "required": ["valid", "error"],
         "additionalProperties": False,
     }
-    return {"description": when, "headers": headers, "content": {"application/json": {"schema": body}}}
+    response = {"description": when, "content": {"application/json": {"schema": body}}}
+    return {**response, "headers": headers} if headers else response
 
 
 T = typing.TypeVar("T")

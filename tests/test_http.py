@@ -313,10 +313,11 @@ def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
     add = secured["paths"]["/rest/add/"]["post"]
     assert add["requestBody"]["required"] is True  # `{}` would miss a and b: a 422
     assert secured["paths"]["/rest/nothing/"]["post"]["requestBody"]["required"] is False
-    assert sorted(add["responses"]) == ["200", "400", "401", "404", "413", "415", "422", "429", "500", "503", "504"]
-    assert sorted(open_["paths"]["/rest/add/"]["post"]["responses"]) == sorted(
-        set(add["responses"]) - {"401", "429"}  # nothing checks tokens or counts failures
-    )
+    assert sorted(add["responses"]) == [
+        "200", "400", "401", "404", "408", "413", "415", "422", "429", "431", "500", "503", "504"
+    ]  # fmt: skip
+    open_responses = open_["paths"]["/rest/add/"]["post"]["responses"]
+    assert sorted(open_responses) == sorted(set(add["responses"]) - {"401"})  # nothing checks tokens
     assert secured["security"] == [{"STT1": []}] and "security" not in open_
     scheme = secured["components"]["securitySchemes"]["STT1"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "STT1")
@@ -326,11 +327,14 @@ def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
     result = secured["components"]["schemas"][ok["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
     assert result["required"] == ["results", "valid"] and result["properties"]["valid"] == {"enum": [True]}
     responses = secured["components"]["responses"]
-    too_large, unauthorized, throttled = responses["TooLarge"], responses["Unauthorized"], responses["Throttled"]
-    assert "STT1-Response" not in too_large["headers"]  # refused before the token is checked: never signed
+    unauthorized, too_many = responses["Unauthorized"], responses["TooManyRequests"]
     assert unauthorized["headers"]["STT1-Response"]["required"] is False  # a replay is signed, a bad token not
     assert unauthorized["headers"]["WWW-Authenticate"] == {"required": True, "schema": {"const": "STT1"}}
-    assert throttled["headers"]["Retry-After"]["required"] is True
+    assert too_many["headers"]["Retry-After"]["required"] is True
+    assert too_many["headers"]["STT1-Response"]["required"] is False  # a throttled address is not signed
+    assert code_schema(secured, "TooManyRequests") == {"enum": ["throttled", "rate_limited"]}
+    assert code_schema(open_, "TooManyRequests") == {"const": "rate_limited"}  # no tokens: only a function's rate
+    assert "headers" not in responses["HeadTooLarge"]  # refused by the HTTP protocol: no request id, no token
     body = responses["Timeout"]["content"]["application/json"]["schema"]
     assert body["properties"] == {
         "valid": {"const": False},
@@ -341,6 +345,11 @@ def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
             "additionalProperties": False,
         },
     }
+
+
+def code_schema(document: dict, response: str) -> dict:
+    body = document["components"]["responses"][response]["content"]["application/json"]["schema"]
+    return dict(body["properties"]["error"]["properties"]["code"])
 
 
 def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: ignore[no-untyped-def]

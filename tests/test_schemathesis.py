@@ -114,9 +114,10 @@ CONFORMANCE = [
 
 
 def test_the_errors_generation_rarely_meets_are_answered_as_documented(tmp_path: Path) -> None:
-    """A refused or replayed token, a missing second factor, a body over the limit, a throttled
-    address, a full concurrency limit, a timeout, a function that raises: each provoked on purpose
-    (the e2e fixtures have a function for each) and held to the spec and the signature check."""
+    """A refused or replayed token, a missing second factor, a body over the limit (the server's
+    and a function's own), a throttled address and a function's rate, a full concurrency limit, a
+    timeout, a function that raises, a request head too large: each provoked on purpose (the e2e
+    and limits fixtures have a function for each) and held to the spec and the signature check."""
     throttle = security.Throttle(per_address=3)
     with secured_server(FIXTURES / "e2e", tmp_path, throttle=throttle, max_body=256, concurrency=1) as served:
         url = served.settings.audience
@@ -132,12 +133,13 @@ def test_the_errors_generation_rarely_meets_are_answered_as_documented(tmp_path:
             case.validate_response(response, checks=CONFORMANCE)
             signed_for(credential)(None, schemathesis.Response.from_any(response), case)
 
-        def call(func: str, status: int, code: str, credential: security.Credential = acme, **kwargs: Any) -> None:
+        def call(func: str, status: int, code: str, who: security.Credential | None = None, **kwargs: Any) -> None:
+            credential = who or acme  # acme: that of the server running, as another starts below
             response = requests.post(f"{url}/rest/{func}/", auth=STT1Auth(credential), timeout=10, **kwargs)
             check(response, status, code, credential)
 
         call("add", 400, "bad_json", json=[1, 2])
-        call("acme_only", 404, "not_found", credential=guest)
+        call("acme_only", 404, "not_found", who=guest)
         call("guarded", 401, "unauthorized")  # signed: the token was good, the second factor is missing
         call("echo", 413, "too_large", json={"text": "x" * 300})
         call("echo", 415, "unsupported_media_type", data=b"{}", headers={"Content-Type": "text/plain"})
@@ -172,3 +174,17 @@ def test_the_errors_generation_rarely_meets_are_answered_as_documented(tmp_path:
         for _ in range(3):  # no token: unsigned 401s, counted against this address ...
             check(requests.post(f"{url}/rest/add/", json={"a": 1, "b": 2}, timeout=10), 401, "unauthorized", acme)
         call("add", 429, "throttled", json={"a": 1, "b": 2})  # ... until it is throttled, even with a good one
+
+        huge = requests.post(f"{url}/rest/echo/", json={"text": "x"}, headers={"X-Padding": "x" * 70_000}, timeout=10)
+        assert huge.status_code == 431  # the HTTP protocol's own refusal: no request id, no token
+        spec["/rest/echo/"]["POST"].Case().validate_response(huge, checks=CONFORMANCE)
+
+    # A function's own limits come after the token check: signed.
+    (tmp_path / "limits").mkdir()
+    with secured_server(FIXTURES / "limits", tmp_path / "limits") as served:
+        url = served.settings.audience
+        spec = schemathesis.openapi.from_url(f"{url}/openapi.json", config=CONFIG)
+        acme = security.read_credential(served.cred)
+        call("tiny", 413, "too_large", json={"text": "more than sixteen bytes"})
+        answers = [requests.post(f"{url}/rest/twice_a_second/", auth=STT1Auth(acme), timeout=10) for _ in range(3)]
+        check(answers[-1], 429, "rate_limited", acme)
