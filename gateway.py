@@ -457,7 +457,23 @@ def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> di
     try:
         return fn.decode_args(body or b"{}")
     except msgspec.ValidationError as exc:
+        # JSON has one kind of number: 2.0 is the integer 2, as JSON Schema (so /openapi.json)
+        # says, but msgspec's strict mode wants it spelled 2. Only on that refusal, try once more
+        # with whole floats as ints; any other refusal stands, with its own message.
+        if "got `float`" in str(exc):
+            with contextlib.suppress(msgspec.ValidationError):
+                return fn.decode_args(msgspec.json.encode(_whole_floats_as_ints(decode_object(body))))
         raise GatewayError(422, "invalid_arguments", str(exc)) from None
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    return value
 
 
 def decode_object(body: bytes) -> dict[str, Any]:
@@ -609,6 +625,7 @@ class Gateway:
         self.security = security if isinstance(security, Security) else None
         self.metrics = Metrics(self) if settings.metrics else None
         wrap = security.wrap if isinstance(security, Security) else security
+        self.secured = wrap is not None  # /rest needs a token: what /openapi.json tells clients
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
         self.site = Starlette(
             routes=[
@@ -775,7 +792,7 @@ class Gateway:
         )
 
     async def _openapi(self, request: Any) -> Any:
-        return _json_response(openapi(self.catalog))
+        return _json_response(openapi(self.catalog, secured=self.secured))
 
     async def _metrics(self, request: Any) -> Any:
         from starlette.responses import Response
@@ -858,18 +875,24 @@ async def read_body(receive: Receive, content_length: bytes | None, limit: int) 
             return b"".join(chunks)
 
 
-def openapi(catalog: Catalog) -> dict[str, Any]:
-    """OpenAPI 3.1, one operation per function, schemas from the type hints via msgspec."""
+def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
+    """OpenAPI 3.1, one operation per function, schemas from the type hints via msgspec.
+
+    It lists every status the endpoint can answer, with the error body and the headers each
+    one carries, so a client (or a schema-driven tester) can rely on it. ``secured``: STT1 is
+    on, so calls need a token and answers past the token check are signed.
+    """
     functions = sorted(catalog.functions.values(), key=lambda fn: fn.name)
     returns = [Result[fn.returns] for fn in functions]  # type: ignore[name-defined]
     schemas, components = msgspec.json.schema_components(
-        [fn.args_type for fn in functions] + returns + [Error],
+        [fn.args_type for fn in functions] + returns,
         ref_template="#/components/schemas/{name}",
         schema_hook=_schema_hook,
     )
     for schema in schemas[: len(functions)]:
         components[schema["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
-    error = {"application/json": {"schema": schemas[-1]}}
+    # Without STT1 nothing checks tokens: no 401 (and a 429 is only ever a function's rate).
+    statuses = {status: name for status, (name, _, _) in _ERRORS.items() if secured or status != 401}
     paths = {
         f"/rest/{fn.name}/": {
             "post": {
@@ -877,39 +900,121 @@ def openapi(catalog: Catalog) -> dict[str, Any]:
                 "summary": fn.doc.split("\n", 1)[0] if fn.doc else fn.name,
                 "description": fn.doc
                 + (f"\n\n`POST /rest/{fn.name}/{{{fn.first}}}` binds `{fn.first}` from the URL." if fn.first else ""),
-                "requestBody": {"required": False, "content": {"application/json": {"schema": args}}},
+                # An empty body is `{}`: it is only optional when every argument has a default.
+                "requestBody": {
+                    "required": bool(components[args["$ref"].rsplit("/", 1)[1]].get("required")),
+                    "content": {"application/json": {"schema": args}},
+                },
                 "responses": {
-                    "200": {"description": "the function's result", "content": {"application/json": {"schema": ret}}},
-                    "default": {"description": "an error", "content": error},
+                    "200": {
+                        "description": "the function's result",
+                        "headers": _headers(secured, signed=True),
+                        "content": {"application/json": {"schema": ret}},
+                    },
+                    **{str(status): {"$ref": f"#/components/responses/{name}"} for status, name in statuses.items()},
                 },
             }
         }
-        for fn, args, ret in zip(functions, schemas[: len(functions)], schemas[len(functions) : -1], strict=True)
+        for fn, args, ret in zip(functions, schemas[: len(functions)], schemas[len(functions) :], strict=True)
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "gateway", "version": "1"},
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {
+            "schemas": components,
+            "responses": {name: _error_response(status, secured) for status, name in statuses.items()},
+        },
     }
+    if secured:
+        document["security"] = [{"STT1": []}]
+        document["components"]["securitySchemes"] = {
+            "STT1": {
+                "type": "http",
+                "scheme": "STT1",
+                "description": "`Authorization: STT1 <token>`: a single-use PASETO v3.local token bound to this "
+                "request's method, target, content type and body (PROTOCOL.md). Answers past the token check "
+                "carry the gateway's token in `STT1-Response`.",
+            }
+        }
+    return document
+
+
+# Every error a function's endpoint can answer: (name in components.responses, codes, when).
+_ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
+    400: ("BadJson", ("bad_json",), "the body is not a JSON object"),
+    401: ("Unauthorized", ("unauthorized",), "any token failure, or a missing or reused second factor"),
+    404: ("NotFound", ("not_found",), "no such function, or one this tenant may not call"),
+    408: ("RequestTimeout", ("timeout",), "the request line and headers were too slow; the connection is closed"),
+    413: ("TooLarge", ("too_large",), "the body is over the largest limit (unread), or over the function's"),
+    415: ("UnsupportedMediaType", ("unsupported_media_type",), "a body that is not application/json"),
+    422: ("InvalidArguments", ("invalid_arguments",), "binding or validation failed; the message names the field"),
+    429: (
+        "TooManyRequests",
+        ("throttled", "rate_limited"),
+        "too many failed calls from this address or for this tenant, or over the function's rate",
+    ),
+    431: ("HeadTooLarge", ("too_large",), "the request line and headers are too large; the connection is closed"),
+    500: ("InternalError", ("internal_error",), "the function raised, or its result cannot be sent"),
+    503: ("Overloaded", ("overloaded",), "too many calls in progress, or the key or replay store is unavailable"),
+    504: ("Timeout", ("timeout",), "the call exceeded its timeout"),
+}
+# Refused by the HTTP protocol itself, before any request exists: no request id, no signature.
+_RAW = {408, 431}
+# Signed or not: a bad token, a body over the largest limit, a throttled address or an
+# unavailable keystore are answered before the token is verified (PROTOCOL.md 3.11); a replay,
+# a missing second factor, a function's own limit or rate, a full concurrency limit after it.
+_SOMETIMES_SIGNED = {401, 413, 429, 503}
+
+
+def _headers(secured: bool, signed: bool) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        "X-Request-Id": {
+            "description": "the id of this request in the server log: the caller's own when it is safe to log",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        }
+    }
+    if secured and signed:
+        headers["STT1-Response"] = {
+            "description": "the gateway's token over this status, content type and body, bound to the request's",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^v3\\.local\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$"},
+        }
+    return headers
+
+
+def _error_response(status: int, secured: bool) -> dict[str, Any]:
+    """A response object for one error status: its body, ``{"valid": false, "error": {...}}``."""
+    _, codes, when = _ERRORS[status]
+    if status == 429 and not secured:
+        codes = ("rate_limited",)  # nothing counts failed tokens
+    headers = {} if status in _RAW else _headers(secured, signed=True)
+    if status in _SOMETIMES_SIGNED and "STT1-Response" in headers:
+        headers["STT1-Response"]["required"] = False
+    if status == 401:
+        headers["WWW-Authenticate"] = {"required": True, "schema": {"const": "STT1"}}
+    elif status == 429:
+        headers["Retry-After"] = {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+    code = {"const": codes[0]} if len(codes) == 1 else {"enum": list(codes)}
+    detail = {"code": code, "message": {"type": "string"}}
+    error = {"type": "object", "properties": detail, "required": ["code", "message"], "additionalProperties": False}
+    body = {
+        "type": "object",
+        "properties": {"valid": {"const": False}, "error": error},
+        "required": ["valid", "error"],
+        "additionalProperties": False,
+    }
+    response = {"description": when, "content": {"application/json": {"schema": body}}}
+    return {**response, "headers": headers} if headers else response
 
 
 T = typing.TypeVar("T")
 
 
-class Result(msgspec.Struct, typing.Generic[T]):
+class Result(msgspec.Struct, typing.Generic[T], forbid_unknown_fields=True):
     results: T
-    valid: bool = True
-
-
-class ErrorDetail(msgspec.Struct):
-    code: str
-    message: str
-
-
-class Error(msgspec.Struct):
-    valid: bool
-    error: ErrorDetail
+    valid: typing.Literal[True]
 
 
 def create_app(

@@ -6,9 +6,11 @@ LEVELS = {"apple": 12, "pear": 0, "plum": 40}
 _lock = asyncio.Lock()
 
 
-async def take(sku: str, qty: int) -> int:
+async def take(sku: str, qty: int) -> tuple[int, int]:
+    """Take `qty` of `sku` if that many are left: (how many were taken, how many are left)."""
     async with _lock:
-        if LEVELS.get(sku, 0) < qty:
-            raise ValueError(f"only {LEVELS.get(sku, 0)} {sku} left")
-        LEVELS[sku] -= qty
-        return LEVELS[sku]
+        left = LEVELS.get(sku, 0)
+        if left < qty:
+            return 0, left
+        LEVELS[sku] = left - qty
+        return qty, left - qty

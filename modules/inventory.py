@@ -1,6 +1,9 @@
 """Stock queries for the warehouse: async functions, a tenant-restricted call, a sibling helper."""
 
 import asyncio
+from typing import Annotated
+
+from msgspec import Meta
 
 from . import _stock
 
@@ -16,12 +19,13 @@ async def stock_level(sku: str, warehouse: str = "main") -> dict[str, object]:
     return {"sku": sku, "warehouse": warehouse, "level": _stock.LEVELS.get(sku, 0)}
 
 
-async def reserve(sku: str, qty: int) -> dict[str, object]:
-    """Take `qty` items of `sku` out of stock; only the `acme` tenant may call it."""
-    if qty <= 0:
-        raise ValueError("qty must be positive")
-    left = await _stock.take(sku, qty)
-    return {"sku": sku, "reserved": qty, "left": left}
+async def reserve(sku: str, qty: Annotated[int, Meta(gt=0)]) -> dict[str, object]:
+    """Take `qty` items of `sku` out of stock, all or none; only the `acme` tenant may call it.
+
+    `reserved` is `qty`, or 0 when fewer are left: a short stock is an answer, not a failure.
+    """
+    reserved, left = await _stock.take(sku, qty)
+    return {"sku": sku, "reserved": reserved, "left": left}
 
 
 async def slow_report(seconds: float = 0.1) -> str:

@@ -82,10 +82,17 @@ class Secured:
 
 
 @contextlib.contextmanager
-def secured_server(folder: Path, tmp_path: Path, public_url: str = "", **overrides: Any) -> Iterator[Secured]:
+def secured_server(
+    folder: Path,
+    tmp_path: Path,
+    public_url: str = "",
+    throttle: security.Throttle | None = None,
+    **overrides: Any,
+) -> Iterator[Secured]:
     """A gateway with STT1 on, serving ``folder`` on a free port chosen before the app is built
     (the credential's url, the audience, names it unless ``public_url`` does: a proxy in front),
-    with a tenant ``acme`` and its credential. ``overrides`` set other Settings fields."""
+    with a tenant ``acme`` and its credential. ``throttle``: failure limits other than the defaults;
+    ``overrides``: other Settings (max_body, concurrency, ...)."""
     settings = gateway.Settings(port=free_port(), db=str(tmp_path / "gw.db"), public_url=public_url, **overrides)
     keystore = security.Keystore(settings.db)
     kid, k = keystore.add_tenant("acme")
@@ -95,7 +102,13 @@ def secured_server(folder: Path, tmp_path: Path, public_url: str = "", **overrid
     )
     # Tokens of the boot second itself are refused with the memory store (PROTOCOL 3.3, the safer
     # reading): this server's clock starts a second early instead of the test waiting.
-    guard = security.Security(keystore, security.MemoryReplayStore(), settings.audience, boot_time=time.time() - 1)
+    guard = security.Security(
+        keystore,
+        security.MemoryReplayStore(),
+        settings.audience,
+        boot_time=time.time() - 1,
+        throttle=throttle,
+    )
     app = gateway.create_app(folder, settings=settings, security=guard)
     server = uvicorn.Server(gateway._uvicorn_config(app, settings))
     sock = gateway._listen("127.0.0.1", settings.port)

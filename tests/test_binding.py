@@ -50,6 +50,15 @@ def test_body_values_are_converted_strictly(fns: dict) -> None:
     )
 
 
+def test_a_whole_float_is_an_int_as_in_json_schema(fns: dict) -> None:
+    # /openapi.json says "integer", and to JSON Schema 2.0 is one: the body must be read the same way.
+    assert bind(fns["add"], {"a": 2.0, "b": 1e3}) == {"a": 2, "b": 1000}
+    assert type(bind(fns["add"], {"a": 2.0, "b": 1})["a"]) is int
+    assert bind(fns["echo"], {"text": "ab", "times": 3.0}) == {"text": "ab", "times": 3}
+    assert refused(fns["add"], {"a": 2.5, "b": 1})[2] == "Expected `int`, got `float` - at `$.a`"
+    assert refused(fns["echo"], {"text": 2.0})[2] == "Expected `str`, got `float` - at `$.text`"  # not `int`
+
+
 def test_a_var1_that_does_not_convert_names_the_field(fns: dict) -> None:
     assert refused(fns["add"], {"b": 2}, var1="forty") == (
         422,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -120,10 +121,12 @@ class Console:
 
 @pytest.fixture
 def console(tmp_path: Path) -> Iterator[Console]:
-    """The example modules behind STT1 and a tampering proxy; tenant acme's credential names the proxy."""
+    """The example modules (a copy a test may add to) behind STT1 and a tampering proxy; tenant
+    acme's credential names the proxy."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with secured_server(ROOT / "modules", tmp_path, public_url=url) as secured:
+    modules = shutil.copytree(ROOT / "modules", tmp_path / "modules", ignore=shutil.ignore_patterns("__pycache__"))
+    with secured_server(modules, tmp_path, public_url=url) as secured:
         proxy = TamperingProxy(f"http://127.0.0.1:{secured.settings.port}")
         server = uvicorn.Server(uvicorn.Config(proxy, log_level="warning", lifespan="off"))
         sock = gateway._listen("127.0.0.1", port)
@@ -208,8 +211,11 @@ def test_a_call_through_the_console_by_click(browser: Browser, console: Console)
         assert (power["state"], power["result"], power["target"]) == ("verified", "9", "/rest/power/3")
         stats = click_call(page, "describe", values="[1, 2, 6]")  # a list: in the body, not the URL
         assert (stats["target"], json.loads(stats["result"])["median"]) == ("/rest/describe/", 2)
-        failed = click_call(page, "describe", values="[]")  # the function raises: a signed 500, no traceback
-        assert failed["state"] == "verified-error" and failed["message"].startswith("The function failed on the server")
+        empty = click_call(page, "describe", values="[]")  # its hint wants one value at least: a signed 422
+        assert empty["state"] == "verified-error"
+        assert empty["message"] == (
+            "The arguments do not fit this function: Expected `array` of length >= 1 - at `$.values`."
+        )
         words = click_call(page, "add", a="1", b="")  # b left out: the gateway's 422, signed, in plain words
         assert words["state"] == "verified-error"
         assert words["message"] == "The arguments do not fit this function: Object missing required field `b`."
@@ -221,6 +227,19 @@ def test_a_call_through_the_console_by_click(browser: Browser, console: Console)
         box = page.locator("form[data-function=add]").bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
         page.screenshot(path=str(ARTIFACTS / "console-phone.png"), full_page=True)
+
+        # No example function fails on purpose: save one (live reload serves it), and call it.
+        (console.gateway.app.modules / "failing.py").write_text(  # type: ignore[operator]
+            '__all_exposed__ = ["fail"]\n\n\ndef fail() -> int:\n    raise RuntimeError("on purpose")\n'
+        )
+        deadline = time.monotonic() + 10
+        while "fail" not in console.gateway.app.catalog.functions:
+            assert time.monotonic() < deadline, "the saved module was not served"
+            time.sleep(0.05)
+        page.reload()
+        page.wait_for_selector("form[data-function=fail]")  # the stored key lists the catalog again
+        failed = click_call(page, "fail")  # the function raises: a signed 500, no traceback
+        assert failed["state"] == "verified-error" and failed["message"].startswith("The function failed on the server")
 
 
 def test_the_console_refuses_answers_tampered_in_transit(browser: Browser, console: Console) -> None:

@@ -305,6 +305,53 @@ def test_openapi_is_valid_and_has_one_operation_per_function(serve, folder) -> N
     assert add_args["additionalProperties"] is False and add_args["required"] == ["a", "b"]
 
 
+def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
+    catalog = gateway.load_modules(FIXTURES / "e2e")
+    secured, open_ = gateway.openapi(catalog, secured=True), gateway.openapi(catalog, secured=False)
+    validate(secured)
+    validate(open_)
+    add = secured["paths"]["/rest/add/"]["post"]
+    assert add["requestBody"]["required"] is True  # `{}` would miss a and b: a 422
+    assert secured["paths"]["/rest/nothing/"]["post"]["requestBody"]["required"] is False
+    assert sorted(add["responses"]) == [
+        "200", "400", "401", "404", "408", "413", "415", "422", "429", "431", "500", "503", "504"
+    ]  # fmt: skip
+    open_responses = open_["paths"]["/rest/add/"]["post"]["responses"]
+    assert sorted(open_responses) == sorted(set(add["responses"]) - {"401"})  # nothing checks tokens
+    assert secured["security"] == [{"STT1": []}] and "security" not in open_
+    scheme = secured["components"]["securitySchemes"]["STT1"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "STT1")
+    ok = add["responses"]["200"]
+    assert ok["headers"]["STT1-Response"]["required"] is True
+    assert list(open_["paths"]["/rest/add/"]["post"]["responses"]["200"]["headers"]) == ["X-Request-Id"]
+    result = secured["components"]["schemas"][ok["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert result["required"] == ["results", "valid"] and result["properties"]["valid"] == {"enum": [True]}
+    responses = secured["components"]["responses"]
+    unauthorized, too_many = responses["Unauthorized"], responses["TooManyRequests"]
+    assert unauthorized["headers"]["STT1-Response"]["required"] is False  # a replay is signed, a bad token not
+    assert unauthorized["headers"]["WWW-Authenticate"] == {"required": True, "schema": {"const": "STT1"}}
+    assert too_many["headers"]["Retry-After"]["required"] is True
+    assert too_many["headers"]["STT1-Response"]["required"] is False  # a throttled address is not signed
+    assert code_schema(secured, "TooManyRequests") == {"enum": ["throttled", "rate_limited"]}
+    assert code_schema(open_, "TooManyRequests") == {"const": "rate_limited"}  # no tokens: only a function's rate
+    assert "headers" not in responses["HeadTooLarge"]  # refused by the HTTP protocol: no request id, no token
+    body = responses["Timeout"]["content"]["application/json"]["schema"]
+    assert body["properties"] == {
+        "valid": {"const": False},
+        "error": {
+            "type": "object",
+            "properties": {"code": {"const": "timeout"}, "message": {"type": "string"}},
+            "required": ["code", "message"],
+            "additionalProperties": False,
+        },
+    }
+
+
+def code_schema(document: dict, response: str) -> dict:
+    body = document["components"]["responses"][response]["content"]["application/json"]["schema"]
+    return dict(body["properties"]["error"]["properties"]["code"])
+
+
 def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: ignore[no-untyped-def]
     gw = serve(gateway.create_app(ROOT / "modules", auth="off"))
     assert gw.post("/rest/add", {"a": 1, "b": 2}).json() == {"results": 3.0, "valid": True}
@@ -319,3 +366,36 @@ def test_the_example_modules_answer_as_the_readme_says(serve) -> None:  # type: 
     response = gw.post("/rest/is_prime", {"n": 2**89 - 1})
     assert error_of(response) == (422, "invalid_arguments")
     assert response.json()["error"]["message"] == "Expected `int` <= 1000000000000 - at `$.n`"
+
+
+@pytest.mark.parametrize(
+    ("function", "arguments", "message"),
+    [  # each answered 500 (or `null` for a number) before its hints said what it takes
+        ("describe", {"values": []}, "Expected `array` of length >= 1 - at `$.values`"),
+        ("describe", {"values": [1.7e308, 1.7e308]}, "Expected `float` <= 1e+300 - at `$.values[0]`"),
+        ("add", {"a": 1.7e308, "b": 1.7e308}, "Expected `float` <= 1e+300 - at `$.a`"),
+        ("power", {"base": 2.5e183}, "Expected `float` <= 1000000.0 - at `$.base`"),
+        ("power", {"base": 0, "exponent": -1}, "Expected `int` >= 0 - at `$.exponent`"),
+        ("reserve", {"sku": "apple", "qty": 0}, "Expected `int` >= 1 - at `$.qty`"),
+    ],
+)
+def test_the_example_modules_refuse_what_they_cannot_answer_with_a_422(  # type: ignore[no-untyped-def]
+    serve, function: str, arguments: dict, message: str
+) -> None:
+    gw = serve(gateway.create_app(ROOT / "modules", security=tenant_from_header, auth="off"))
+    response = gw.post(f"/rest/{function}", arguments, headers={"x-test-tenant": "acme"})
+    assert error_of(response) == (422, "invalid_arguments")
+    assert response.json()["error"]["message"] == message
+
+
+def test_reserve_takes_all_or_nothing_and_says_which(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(ROOT / "modules", security=tenant_from_header, auth="off"))
+    acme = {"x-test-tenant": "acme"}
+    assert gw.post("/rest/reserve", {"sku": "apple", "qty": 5}, headers=acme).json()["results"] == {
+        "sku": "apple",
+        "reserved": 5,
+        "left": 7,
+    }
+    short = gw.post("/rest/reserve", {"sku": "apple", "qty": 8}, headers=acme)  # a short stock is not a 500
+    assert short.json()["results"] == {"sku": "apple", "reserved": 0, "left": 7}
+    assert gw.post("/rest/stock_level/apple").json()["results"]["level"] == 7
