@@ -328,7 +328,7 @@ def test_the_console_explains_a_bad_file_and_a_credential_for_another_gateway(br
         other = json.loads(console.gateway.cred.read_text()) | {"url": "https://api.example.com"}
         page.set_input_files("#credential-file", files=[{"name": "other.json", "mimeType": "application/json",
                                                          "buffer": json.dumps(other).encode()}])
-        page.wait_for_function("document.getElementById('notice').textContent.includes('example.com')")
+        page.locator("#notice", has_text="api.example.com").wait_for()  # no wait_for_function: CSP forbids eval
         assert notice.text_content() == (f"This credential is for https://api.example.com, but this console belongs "
                                          f"to {console.url}. Open https://api.example.com/console to use it.")
         assert page.get_by_test_id("load").is_visible()  # nothing loaded, nothing stored
