@@ -106,11 +106,12 @@ def build_stack(folder: Path | None = None, modules: Path = FIXTURE) -> Stack:
     """A gateway app with STT1 on over ``modules``, its keystore in ``folder`` (a new temp dir).
 
     The throttle never trips (a fuzzer sends thousands of bad tokens from one address) and the
-    clock stands still at T0, so a token signed for T0 is valid for the whole run.
+    clock stands still at T0, so a token signed for T0 is valid for the whole run. /metrics is on:
+    its request tracking wraps every /rest call.
     """
     folder = Path(tempfile.mkdtemp(prefix="gw-fuzz-")) if folder is None else folder
     clock = Clock(T0)
-    settings = gateway.Settings(db=str(folder / "gw.db"), reload=False, max_body=MAX_BODY, timeout=5.0)
+    settings = gateway.Settings(db=str(folder / "gw.db"), reload=False, max_body=MAX_BODY, timeout=5.0, metrics=True)
     keystore = security.Keystore(settings.db, master_key=bytes(32), clock=clock)
     kid, k = keystore.add_tenant("acme")
     keystore.add_tenant("globex", functions=["add", "slug"])
