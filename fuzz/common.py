@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
 import sys
 import tempfile
@@ -103,13 +104,16 @@ class Stack:
 
 
 def build_stack(folder: Path | None = None, modules: Path = FIXTURE) -> Stack:
-    """A gateway app with STT1 on over ``modules``, its keystore in ``folder`` (a new temp dir).
+    """A gateway app with STT1 on over ``modules``, its keystore in ``folder``: by default a new
+    temporary folder inside $FUZZ_STATE_DIR (which run.py sets and removes after the run: libFuzzer
+    ends the process without running any cleanup) or else in the system's temporary folder.
 
     The throttle never trips (a fuzzer sends thousands of bad tokens from one address) and the
     clock stands still at T0, so a token signed for T0 is valid for the whole run. /metrics is on:
     its request tracking wraps every /rest call.
     """
-    folder = Path(tempfile.mkdtemp(prefix="gw-fuzz-")) if folder is None else folder
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="gw-fuzz-", dir=os.environ.get("FUZZ_STATE_DIR")))
     clock = Clock(T0)
     settings = gateway.Settings(db=str(folder / "gw.db"), reload=False, max_body=MAX_BODY, timeout=5.0, metrics=True)
     keystore = security.Keystore(settings.db, master_key=bytes(32), clock=clock)

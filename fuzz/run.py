@@ -12,7 +12,9 @@ is libFuzzer's: 0 when the time ran out with no finding. Replay one input with
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -57,14 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     print("+", " ".join(args), flush=True)
     started = time.monotonic()
     lines = []
-    with subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    ) as proc:  # streamed as it comes: a long run shows its progress
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            lines.append(line)
+    state = opts.out / opts.harness / "state"  # the harness's keystore; libFuzzer exits without cleaning up
+    state.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "FUZZ_STATE_DIR": str(state)}
+    try:
+        with subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env
+        ) as proc:  # streamed as it comes: a long run shows its progress
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                lines.append(line)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
     elapsed = time.monotonic() - started
     output = "".join(lines)
     runs = re.search(r"stat::number_of_executed_units: (\d+)", output)
