@@ -481,7 +481,9 @@ def decode_object(body: bytes) -> dict[str, Any]:
         return {}
     try:
         args = msgspec.json.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # msgspec reports bad UTF-8 inside a string and nesting past the recursion limit with
+        # Python's own errors, not DecodeError: both are the client's malformed JSON, not a 500.
         raise GatewayError(400, "bad_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(args, dict):
         raise GatewayError(400, "bad_json", "body must be a JSON object")
@@ -651,6 +653,11 @@ class Gateway:
             else:
                 await self.metrics.track(self.rest, scope, receive, send)
         else:
+            if scope["type"] == "http":
+                # Starlette answers a malformed or unsatisfiable Range on a file with a text/plain
+                # 400 or 416, outside the JSON error model. RFC 9110 lets a server ignore Range,
+                # and the console's files are a few KB: they are always sent whole.
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"range"]
             await self.site(scope, receive, send)
 
     @contextlib.asynccontextmanager

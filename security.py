@@ -580,7 +580,8 @@ def open_token(key: DirectionKey, token: str | UnverifiedToken, implicit: bytes)
     decode = _DECODE_REQUEST if key.direction == "c2s" else _DECODE_RESPONSE
     try:
         claims = decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        # msgspec reports bad UTF-8 inside a JSON string as UnicodeDecodeError, not DecodeError.
         raise InvalidToken() from None
     return Opened(footer, claims)
 

@@ -116,3 +116,19 @@ def test_malformed_json_is_a_400(fns: dict, body: bytes) -> None:
 
 def test_an_empty_body_means_no_arguments(fns: dict) -> None:
     assert gateway.bind(fns["nothing"], b"", None, "nothing") == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"a-\xc8\xdf1, "b": 2}', b'{"a": "\xff", "b": 2}', b"[" * 100_000, b'{"a": ' * 100_000],
+    ids=["bad-utf8-in-a-key", "bad-utf8-in-a-value", "deep-arrays", "deep-objects"],
+)
+def test_json_msgspec_refuses_with_python_errors_is_a_400(fns: dict, body: bytes) -> None:
+    # Found by fuzz/fuzz_request.py: msgspec raises UnicodeDecodeError and RecursionError for
+    # these, not DecodeError, and the gateway answered 500 "the function failed".
+    with pytest.raises(gateway.GatewayError) as info:
+        gateway.bind(fns["add"], body, None, "add")
+    assert (info.value.status, info.value.code) == (400, "bad_json")
+    with pytest.raises(gateway.GatewayError) as info:
+        gateway.decode_object(body)  # POST /rest/ reads funcName with it
+    assert (info.value.status, info.value.code) == (400, "bad_json")

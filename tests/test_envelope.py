@@ -821,3 +821,20 @@ def test_secrets_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch, 
     compared.clear()
     assert not keystore.check_otp("acme", "000000" if right != "000000" else "111111", IAT)
     assert compared and all(len(a) == 6 for a, _ in compared)  # one per time step tried
+
+
+@pytest.mark.parametrize(
+    ("direction", "payload"),
+    [
+        ("c2s", b'{"jti":"\xc8"}'),  # bad UTF-8 inside a string
+        ("c2s", b'{"\xff":1}'),
+        ("s2c", b'{"jti":"%s","rk":{"kid":"\xc8\xdf"}}' % JTI.encode()),
+    ],
+)
+def test_payload_with_bad_utf8_is_invalid_token(direction: str, payload: bytes) -> None:
+    # msgspec raises UnicodeDecodeError here, not DecodeError: it escaped open_token, so a key
+    # holder could make the server's middleware fail with a 500 (and a server, a client's check).
+    implicit = request_implicit()
+    key = s.DirectionKey(K, direction, TID, KID)
+    with pytest.raises(InvalidToken):
+        s.open_token(key, forge(direction, TID, KID, IAT, payload, implicit), implicit)
