@@ -849,6 +849,8 @@ os.register_at_fork(after_in_child=lambda: _id_prefix.__setitem__(0, secrets.tok
 def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
     """``/rest[/<func>[/<var1>]][/]`` from the raw path, so an encoded ``/`` stays in var1."""
     raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    if raw != b"/rest" and not raw.startswith(b"/rest/"):  # "/%72est/add" is routed here by its decoded path
+        raise GatewayError(404, "not_found", "no such function")
     parts = raw[len(b"/rest/") :].split(b"/") if len(raw) > 5 else []
     if parts and parts[-1] == b"":
         parts.pop()

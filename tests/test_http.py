@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -72,6 +73,16 @@ def test_call_by_funcname(gw, path: str) -> None:  # type: ignore[no-untyped-def
 
 def test_var1_keeps_an_encoded_slash(gw) -> None:  # type: ignore[no-untyped-def]
     assert gw.post("/rest/echo/a%2Fb").json()["results"] == "a/b"
+
+
+def test_an_encoded_rest_prefix_names_no_function(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Routing goes by the decoded path, the function by the raw one: "/%72est/x" decodes to
+    "/rest/x", and its raw tail after six bytes is "t/x", which once called `t` with var1 "x"."""
+    (tmp_path / "tiny.py").write_text("__all_exposed__ = ['t']\n\n\ndef t(x: str = '') -> str:\n    return x\n")
+    gw = serve(gateway.create_app(tmp_path, auth="off", reload=False))
+    assert gw.post("/rest/t/x").json()["results"] == "x"
+    answer = gw.post("/%72est/x")
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
 
 
 def test_async_function_is_awaited(gw) -> None:  # type: ignore[no-untyped-def]
