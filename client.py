@@ -550,16 +550,20 @@ class Client:
         return Unreachable(0, "unreachable", f"{self._cred.url}: {reason}")
 
 
+# msgspec raises these besides DecodeError: for bad UTF-8 inside a string, and for deep nesting.
+_UNDECODABLE = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def _results(status: int, body: bytes) -> Any:
     """The results of a verified answer, or the gateway's error as an exception."""
     if 200 <= status < 300:
         try:
             return _DECODE_OK(body).results
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _UNDECODABLE:
             raise BadResponse(status, "bad_response", "a success without `results`") from None
     try:
         detail = _DECODE_ERROR(body).error
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _UNDECODABLE:
         raise BadResponse(status, "bad_response", "an error without a JSON error body") from None
     raise _SIGNED_ERRORS.get(status, GatewayError)(status, detail.code, detail.message)
 

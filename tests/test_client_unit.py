@@ -306,7 +306,16 @@ def test_signed_errors_map_to_their_class(client: c.Client, status: int, code: s
 
 
 @pytest.mark.parametrize(
-    ("status", "body"), [(200, b'{"valid": true}'), (200, b"not json"), (500, b"{}"), (404, OK_BODY)]
+    ("status", "body"),
+    [
+        (200, b'{"valid": true}'),
+        (200, b"not json"),
+        (500, b"{}"),
+        (404, OK_BODY),
+        (200, b'{"results": "\xc8\xdf", "valid": true}'),  # bad UTF-8 in a string: not a UnicodeDecodeError
+        (200, b'{"results": ' + b"[" * 100_000 + b"]" * 100_000 + b', "valid": true}'),  # nor a RecursionError
+        (500, b'{"valid": false, "error": {"code": "\xc8", "message": "m"}}'),
+    ],
 )
 def test_a_verified_body_off_contract_is_a_bad_response(client: c.Client, status: int, body: bytes) -> None:
     prepared = client._prepare_call("add", {})
