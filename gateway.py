@@ -695,6 +695,8 @@ class Gateway:
         func_name = None
         try:
             func_name, var1 = _split_rest_path(scope)
+            if func_name is not None:  # else _handle names it from the body's funcName
+                scope["gateway.function"] = func_name
             result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
             status, body = 200, msgspec.json.encode({"results": result, "valid": True})
             if len(body) > self.settings.max_result:
@@ -723,7 +725,7 @@ class Gateway:
         if access_log.isEnabledFor(logging.INFO):
             self.access.add(
                 f"{request_id.decode()} tenant={scope.get(TENANT_KEY, '-')} "
-                f"func={scope.get('gateway.function', func_name or '-')} status={status} "
+                f"func={scope.get('gateway.function', '-')} status={status} "
                 f"{(time.perf_counter() - started) * 1000:.2f}ms"
             )
 
@@ -1120,8 +1122,8 @@ class Metrics:
         try:
             await app(scope, receive, send_status)
         finally:
-            name = scope.get("gateway.function")
-            if name is None:  # refused before dispatch: the name the URL gives, if any
+            name = scope.get("gateway.function")  # set by _rest
+            if name is None:  # refused before _rest ran: the name the URL gives, if any
                 with contextlib.suppress(GatewayError):
                     name = _split_rest_path(scope)[0]
             function = name if name in self.gateway.catalog.functions else "-"
