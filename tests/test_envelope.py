@@ -614,6 +614,27 @@ def test_footer_parse_refuses(raw: str, c2s: s.DirectionKey) -> None:
             s.open_token(c2s, forge("c2s", TID, KID, IAT, payload, implicit, footer=encoded), implicit)
 
 
+def test_parse_remembers_only_footers_that_parsed_and_only_so_many(c2s: s.DirectionKey) -> None:
+    implicit = request_implicit()
+    token = s.mint(c2s, IAT, s.RequestClaims(jti=s.new_jti()), implicit)
+    body, footer = token[len("v3.local.") :].split(".")
+    s._FOOTERS.clear()
+    for _ in range(2):  # the second parse answers from memory, and the same
+        parsed = s.parse(token)
+        assert parsed.footer == s.Footer("c2s", TID, KID, IAT)
+        assert s.open_token(c2s, parsed, implicit).footer.iat == IAT
+    bad = s.b64encode(f"c2s.Acme.{KID}.{IAT}".encode())
+    for _ in range(2):
+        with pytest.raises(InvalidToken):
+            s.parse(f"v3.local.{body}.{bad}")
+    assert list(s._FOOTERS) == [footer]
+    for iat in range(IAT, IAT + s._MAX_FOOTERS + 10):  # a flood of distinct footers stays bounded
+        s.parse(f"v3.local.{body}.{s.b64encode(s.build_footer('c2s', TID, KID, iat))}")
+        assert len(s._FOOTERS) <= s._MAX_FOOTERS
+    with pytest.raises(InvalidToken):  # a remembered footer does not make a token valid
+        s.open_token(c2s, s.parse(f"v3.local.{body[:-2]}AA.{footer}"), implicit)
+
+
 @pytest.mark.parametrize(
     "args",
     [
