@@ -1291,6 +1291,7 @@ def _guarded_http() -> type:
         # it must end by, and one sweep per server (see _sweep_soon) enforces them.
         limits = (HEAD_LIMIT, HEAD_TIMEOUT, BODY_TIMEOUT)
         _head = 0  # bytes of the request head received so far; -1 once it is complete
+        _reading = 0  # bytes of the read being parsed
         _too_large = False
         _phase = ""  # what the client owes: "head", "body", or "" (a call runs, or keep-alive)
         _deadline = math.inf  # loop time by which it must have arrived
@@ -1301,6 +1302,7 @@ def _guarded_http() -> type:
             _sweep_soon(self)
 
         def data_received(self, data: bytes) -> None:
+            self._reading = len(data)
             if self._head >= 0:
                 self._head += len(data)
             super().data_received(data)
@@ -1315,10 +1317,12 @@ def _guarded_http() -> type:
             super().on_message_begin()
 
         def on_headers_complete(self) -> None:
-            # Exactly, as on the wire: a head that arrived in one read is not counted above.
-            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-            if self._too_large or size > self.limits[0]:
-                self._too_large = True
+            # A head that began in this read (the count was reset after it was added) is not
+            # counted above; it is at most this read, so only a longer read needs counting, exactly.
+            if self._head or self._reading > self.limits[0]:
+                size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+                self._too_large = self._too_large or size > self.limits[0]
+            if self._too_large:
                 return
             self._head = -1
             self._expect("body", self.limits[2])

@@ -18,6 +18,7 @@ import pyotp
 import pyseto
 import pytest
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 import security as s
@@ -146,6 +147,19 @@ def test_hkdf_shortcut_matches_hkdf_class() -> None:
         ek, n2 = local.encryption_key(n)
         assert ek + n2 == hkdf(b"paseto-encryption-key" + n)
         assert local.auth_key(n) == hkdf(b"paseto-auth-key-for-aead" + n)
+
+
+def test_aes_shortcut_matches_the_cipher_class() -> None:
+    for size in (0, 1, 15, 16, 17, 31, 512):
+        key, counter, data = os.urandom(32), os.urandom(16), os.urandom(size)
+        public = Cipher(algorithms.AES(key), modes.CTR(counter)).encryptor()
+        assert s._aes_ctr(key, counter, data) == public.update(data) + public.finalize()
+    top = b"\xff" * 16  # the 128-bit counter wraps to zero, as Cipher's does
+    public = Cipher(algorithms.AES(bytes(32)), modes.CTR(top)).encryptor()
+    assert s._aes_ctr(bytes(32), top, bytes(64)) == public.update(bytes(64))
+    for key, counter in ((bytes(31), bytes(16)), (bytes(32), bytes(15))):  # the same refusals
+        with pytest.raises(ValueError):
+            s._aes_ctr(key, counter, b"x")
 
 
 @pytest.mark.parametrize("footer", [b"", b"a footer", b'{"kid":"x"}'])
