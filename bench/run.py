@@ -456,7 +456,9 @@ def load_run(stack: Stack, round_no: int, opts: argparse.Namespace, rate_hint: f
         # from the best rate seen so far (+50 %), so the supply never runs out mid-run.
         warm = wrk(port, header_values(stack, math.ceil(rate_hint * opts.warmup * 1.5), origin),
                    opts.warmup, opts.connections, f"{stack.key}-warmup")  # fmt: skip
-        count = math.ceil(max(warm.rps, 1.0) * opts.duration * 1.5) + 2 * opts.connections + 100
+        # The warm-up may be much slower than the run (a cold server), hence twice its rate: a
+        # run that runs out of tokens counts as failed.
+        count = math.ceil(max(warm.rps, 1.0) * opts.duration * 2) + 2 * opts.connections + 100
         result = wrk(port, header_values(stack, count, origin), opts.duration, opts.connections, stack.key)
         pid = serving_pid(server)
         rss = rss_mb(pid)
