@@ -135,18 +135,11 @@ def pae(*pieces: bytes) -> bytes:
     """PASETO pre-authentication encoding: lengths first, so no two piece lists collide.
 
     Used for the PASETO MAC input and for STT1's implicit assertions; never concatenate
-    authenticated fields by hand. Pieces must be bytes (str raises TypeError).
+    authenticated fields by hand. Pieces must be bytes (str raises TypeError). The hot paths
+    (_mac_input, the assertions) write it out with the pieces that never change encoded once;
+    the official and STT1 vectors pin them to this.
     """
-    return _LE64(len(pieces)) + _pae_pieces(pieces)
-
-
-def _pae_pieces(pieces: tuple[bytes, ...]) -> bytes:
-    """The pieces as PAE writes them after their count: each one's length, then its bytes.
-
-    The hot paths put a prefix they computed once (the count and the pieces that never
-    change) in front of this; the official and STT1 vectors pin the result to ``pae``.
-    """
-    encoded: list[bytes] = []
+    encoded = [_LE64(len(pieces))]
     for piece in pieces:
         encoded += (_LE64(len(piece)), piece)
     return b"".join(encoded)
@@ -241,10 +234,12 @@ _MAC_PREFIX = _LE64(5) + _LE64(len(_HEADER_BYTES)) + _HEADER_BYTES + _LE64(_NONC
 
 
 def _mac_input(nonce: bytes, c: bytes, footer: bytes, implicit: bytes) -> bytes:
-    return _MAC_PREFIX + nonce + _pae_pieces((c, footer, implicit))
+    return b"".join((_MAC_PREFIX, nonce, _LE64(len(c)), c, _LE64(len(footer)), footer, _LE64(len(implicit)), implicit))
 
 
-def _seal(key: _LocalKey, payload: bytes, footer: bytes, implicit: bytes, nonce: bytes | None) -> str:
+def _seal(
+    key: _LocalKey, payload: bytes, footer: bytes, implicit: bytes, nonce: bytes | None, footer_text: str = ""
+) -> str:
     if nonce is None:
         nonce = os.urandom(_NONCE_LEN)
     elif not isinstance(nonce, bytes) or len(nonce) != _NONCE_LEN:
@@ -254,7 +249,7 @@ def _seal(key: _LocalKey, payload: bytes, footer: bytes, implicit: bytes, nonce:
     tag = _hmac_sha384(key.auth_key(nonce), _mac_input(nonce, c, footer, implicit))
     token = _HEADER + b64encode(nonce + c + tag)
     if footer:
-        token += "." + b64encode(footer)
+        token += "." + (footer_text or b64encode(footer))
     return token
 
 
@@ -386,7 +381,7 @@ class DirectionKey:
     (which would write it out) is refused.
     """
 
-    __slots__ = ("_footer_prefix", "_ids", "_k_dir", "_steps")
+    __slots__ = ("_footer", "_footer_prefix", "_ids", "_k_dir", "_steps")
 
     # A +-45 s window touches at most 4 steps; a few more cover mint and open in one process.
     _MAX_STEPS = 8
@@ -396,6 +391,7 @@ class DirectionKey:
         # Read-only: the ids are what K_dir is bound to, so they must not drift from it.
         self._ids = (direction, tid, kid)
         self._footer_prefix = f"{direction}.{tid}.{kid}.".encode("ascii")
+        self._footer = (-1, b"", "")  # (iat, footer, its base64url): the last one minted
         self._steps: dict[int, _LocalKey] = {}
 
     @property
@@ -458,10 +454,13 @@ def parse_footer(raw: bytes) -> Footer:
 # -- STT1 implicit assertions --------------------------------------------------------------
 
 
+_DIGEST_LEN = _LE64(32)  # the SHA-256 piece's length
+
+
 @functools.lru_cache(maxsize=64)
 def _assertion_head(direction: bytes, aud: str) -> bytes:
     """PAE("stt1", dir, AUD, ...four more) up to its fourth piece: the same for every token."""
-    return _LE64(7) + _pae_pieces((b"stt1", direction, aud.encode()))
+    return _LE64(7) + pae(b"stt1", direction, aud.encode())[8:]  # 7 pieces in all, not 3
 
 
 def request_assertion(aud: str, method: str, target: bytes, content_type: bytes, body: bytes) -> bytes:
@@ -472,8 +471,9 @@ def request_assertion(aud: str, method: str, target: bytes, content_type: bytes,
     on the request line, ``content_type`` the raw header value or b"".
     PAE("stt1", "c2s", AUD, METHOD, TARGET, CONTENT_TYPE, SHA256(body)).
     """
-    pieces = (method.encode(), target, content_type, hashlib.sha256(body).digest())
-    return _assertion_head(b"c2s", aud) + _pae_pieces(pieces)
+    head, m, ct = _assertion_head(b"c2s", aud), method.encode(), content_type
+    digest = hashlib.sha256(body).digest()
+    return b"".join((head, _LE64(len(m)), m, _LE64(len(target)), target, _LE64(len(ct)), ct, _DIGEST_LEN, digest))
 
 
 def response_assertion(aud: str, request_jti: str, status: int, content_type: bytes, body: bytes) -> bytes:
@@ -483,8 +483,9 @@ def response_assertion(aud: str, request_jti: str, status: int, content_type: by
     """
     if not isinstance(status, int) or isinstance(status, bool) or not 100 <= status <= 599:
         raise ValueError("status must be an HTTP status code")
-    pieces = (request_jti.encode(), b"%d" % status, content_type, hashlib.sha256(body).digest())
-    return _assertion_head(b"s2c", aud) + _pae_pieces(pieces)
+    head, jti, code, ct = _assertion_head(b"s2c", aud), request_jti.encode(), b"%d" % status, content_type
+    digest = hashlib.sha256(body).digest()
+    return b"".join((head, _LE64(len(jti)), jti, _LE64(len(code)), code, _LE64(len(ct)), ct, _DIGEST_LEN, digest))
 
 
 # -- STT1 payloads -------------------------------------------------------------------------
@@ -617,8 +618,11 @@ def mint(
         raise ValueError("payload over MAX_PAYLOAD_BYTES")
     if not isinstance(iat, int) or isinstance(iat, bool) or not 0 <= iat <= _MAX_IAT:
         raise ValueError("iat must fit in 10 decimal digits")
-    footer = key._footer_prefix + b"%010d" % iat  # the ids were checked when key was built
-    return _seal(key._local_key(time_step(iat)), payload, footer, implicit, nonce)
+    footer = key._footer
+    if footer[0] != iat:  # a new second: every token of the last one shared its footer
+        raw = key._footer_prefix + b"%010d" % iat  # the ids were checked when key was built
+        footer = key._footer = (iat, raw, b64encode(raw))
+    return _seal(key._local_key(time_step(iat)), payload, footer[1], implicit, nonce, footer[2])
 
 
 def open_token(key: DirectionKey, token: str | UnverifiedToken, implicit: bytes) -> Opened:
@@ -1734,14 +1738,16 @@ class Security:
             log.warning("more refused tokens this second; not logging them")
 
     def _signing_send(self, send: _Send, key: CachedKey, request_jti: str) -> _Send:
-        start: dict[str, Any] = {}
+        start: Any = None
         chunks: list[bytes] = []
 
         async def signed_send(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                start.update(message)
+            nonlocal start
+            kind = message["type"]
+            if kind == "http.response.start":
+                start = message
                 return
-            if message["type"] != "http.response.body":
+            if kind != "http.response.body":
                 return await send(message)
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
@@ -1749,7 +1755,11 @@ class Security:
             body = b"".join(chunks)
             status = start["status"]
             headers = list(start.get("headers", ()))
-            content_type = next((v for k, v in headers if k.lower() == b"content-type"), b"")
+            content_type = b""
+            for name, value in headers:
+                if name.lower() == b"content-type":
+                    content_type = value
+                    break
             rk = key.rk if 200 <= status < 300 and key.rk is not None else msgspec.UNSET
             token = mint(
                 key.s2c,
