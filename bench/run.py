@@ -1,6 +1,6 @@
 """The gateway against its peers: one command, one markdown table.
 
-    .venv/bin/python bench/run.py [--rounds 2] [--duration 10] [--connections 32] [--quick]
+    .venv/bin/python bench/run.py [--rounds 3] [--duration 10] [--connections 32] [--quick]
 
 Every stack serves the same call, ``POST /rest/add/`` with ``{"a": 1, "b": 2}``, from one
 server process with one worker on 127.0.0.1. The server is pinned to CPU 0 and wrk to CPU 1,
@@ -837,7 +837,7 @@ class Report:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of every stack, in alternating order (2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every stack, in alternating order (3)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each measured run (10)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each run (3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
