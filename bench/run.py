@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 #### Settings
 
@@ -430,6 +431,13 @@ def check_body(server: Server, values: Sequence[str]) -> None:
 #### Measurements
 
 
+def micro_stt1() -> dict[str, Any]:
+    """bench/micro_stt1.py on the server CPU: the gateway's STT1 work per request, no network."""
+    argv = ["taskset", "-c", SERVER_CPU, PYTHON, str(ROOT / "bench" / "micro_stt1.py"), "--json"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=True)
+    return dict(json.loads(done.stdout))
+
+
 @dataclasses.dataclass
 class Run:
     """One stack's measured run in one round."""
@@ -623,8 +631,9 @@ class Report:
         module_starts: dict[int, ColdStart],
         started_at: datetime.datetime,
         loads: tuple[str, str],
+        micro: dict[str, Any] | None = None,
     ) -> None:
-        self.opts, self.runs, self.unavailable = opts, runs, unavailable
+        self.opts, self.runs, self.unavailable, self.micro = opts, runs, unavailable, micro
         self.starts, self.module_starts = starts, module_starts
         self.started_at, self.loads = started_at, loads
         self.summary = {key: summarise(rs) for key, rs in runs.items() if rs}
@@ -690,6 +699,12 @@ class Report:
                 line(self.starts[key].idle_rss_mb <= 45, text, f"{self.starts[key].idle_rss_mb:.1f} MB")
             else:
                 line(None, text, self.unavailable.get(key, "not measured"))
+        text = "verify + replay + sign <= 25 us per request (bench/micro_stt1.py, memory store)"
+        if self.micro:
+            us = self.micro["memory"]["median"]
+            line(us <= 25, text, f"{us:.1f} us (median of 7 runs; min {self.micro['memory']['min']:.1f} us)")
+        else:
+            line(None, text, "not measured")
         bad = [k for k, v in s.items() if v.errors]
         line(not bad, "every measured run had 0 errors", ", ".join(f"{k}: {s[k].errors}" for k in bad) or "0 errors")
         return lines
@@ -760,6 +775,25 @@ class Report:
             )
         return rows
 
+    def micro_section(self) -> list[str]:
+        if not self.micro:
+            return []
+        rows = [
+            "## STT1 per request, without the network",
+            "",
+            "`python bench/micro_stt1.py` on the server CPU: parse, assertion, open (MAC, then AES), replay",
+            "insert and the signed answer's mint, exactly the middleware's calls; 7 runs of 20,000 tokens.",
+            "",
+            "| replay store | median us | min us | max us |",
+            "|---|--:|--:|--:|",
+        ]
+        for store in ("memory", "sqlite"):
+            f = self.micro[store]
+            rows.append(f"| {store} | {f['median']:.1f} | {f['min']:.1f} | {f['max']:.1f} |")
+        rows += ["", "What this machine's primitives cost, best of 5, to read the absolute figures against:", ""]
+        rows += [f"- {what}: {us:.2f} us" for what, us in self.micro["reference"].items()]
+        return [*rows, ""]
+
     def render(self) -> str:
         o = self.opts
         command = "python bench/run.py" + (
@@ -824,6 +858,7 @@ class Report:
             "",
             *self.module_table(),
             "",
+            *self.micro_section(),
             "## Every measured run",
             "",
             *self.per_round(),
@@ -940,8 +975,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"errors {w.errors}, RSS {run.rss_mb:.1f} MB")  # fmt: skip
             time.sleep(1.0)
 
+    micro = None
+    if any(s.key == "gateway_stt1" for s in selected):
+        micro = micro_stt1()
+        say(f"verify + replay + sign, in process: median {micro['memory']['median']:.1f} us")
+
     loads = (load_start, " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    report = Report(opts, runs, unavailable, starts, module_starts, started_at, loads)
+    report = Report(opts, runs, unavailable, starts, module_starts, started_at, loads, micro)
     opts.output.write_text(report.render())
     say(f"wrote {opts.output}")
     return 0
