@@ -584,14 +584,17 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def add(self, line: str) -> None:
+    def add(self, request_id: bytes, tenant: str, function: str, status: int, seconds: float) -> None:
         now = time.time()
         if int(now) != self._second:
             self._second = int(now)
             self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
         if not self._lines:
             asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
-        self._lines.append(f"{self._stamp},{int(now % 1 * 1000):03d} INFO gateway.access: {line}")
+        self._lines.append(
+            f"{self._stamp},{int(now % 1 * 1000):03d} INFO gateway.access: {request_id.decode()} "
+            f"tenant={tenant} func={function} status={status} {seconds * 1000:.2f}ms"
+        )
 
     def flush(self) -> None:
         if self._lines:
@@ -724,9 +727,11 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
         if access_log.isEnabledFor(logging.INFO):
             self.access.add(
-                f"{request_id.decode()} tenant={scope.get(TENANT_KEY, '-')} "
-                f"func={scope.get('gateway.function', '-')} status={status} "
-                f"{(time.perf_counter() - started) * 1000:.2f}ms"
+                request_id,
+                scope.get(TENANT_KEY, "-"),
+                scope.get("gateway.function", "-"),
+                status,
+                time.perf_counter() - started,
             )
 
     async def _handle(
