@@ -1256,6 +1256,7 @@ def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
         app,
         log_level=settings.log_level,
         access_log=False,
+        server_header=False,  # "server: uvicorn" tells a scanner what to try, and costs every answer a header
         lifespan="on",
         timeout_graceful_shutdown=10,
         **extra,

@@ -106,6 +106,12 @@ def test_every_response_has_a_request_id_and_a_given_safe_one_is_kept(gw) -> Non
     assert unsafe.headers["x-request-id"] != "bad id\twith spaces"
 
 
+def test_no_answer_names_the_server_software_and_every_one_is_dated(gw) -> None:  # type: ignore[no-untyped-def]
+    for answer in (gw.post("/rest/add", {"a": 1, "b": 2}), gw.client.get("/healthz"), gw.client.get("/nowhere")):
+        assert "server" not in answer.headers
+        assert answer.headers["date"].endswith(" GMT")  # RFC 9110: an origin server with a clock sends Date
+
+
 # The error table, row by row
 
 
