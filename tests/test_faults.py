@@ -111,7 +111,7 @@ ADD_REQUEST = (
 def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
     """(status, body, closed): one response read off a raw socket, and whether the server then
     closed the connection."""
-    status, body = read_answer(sock)
+    [(status, body)] = read_answers(sock, 1)
     sock.settimeout(2)
     try:
         closed = sock.recv(1) == b""
@@ -122,20 +122,24 @@ def read_response(sock: socket.socket) -> tuple[int, bytes, bool]:
     return status, body, closed
 
 
-def read_answer(sock: socket.socket) -> tuple[int, bytes]:
-    """(status, body) of one response read off a raw socket, leaving the connection as it is."""
-    data = b""
-    while b"\r\n\r\n" not in data:
+def read_answers(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """(status, body) of the next ``count`` responses off a raw socket, however the server's
+    writes were split or joined across reads; the connection is left as it is."""
+    data, answers = b"", []
+    while len(answers) < count:
+        if b"\r\n\r\n" in data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            length = int(fields[b"content-length"])
+            if len(rest) >= length:
+                answers.append((int(head.split(b" ")[1]), rest[:length]))
+                data = rest[length:]
+                continue
         chunk = sock.recv(65536)
         if not chunk:
-            raise ConnectionError(f"closed before a response: {data!r}")
+            raise ConnectionError(f"closed after {len(answers)} of {count} responses: {data!r}")
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.lower().split(b"\r\n")
-    length = next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length"))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return int(head.split(b" ")[1]), body
+    return answers
 
 
 def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
@@ -263,10 +267,16 @@ def test_each_answer_leaves_in_one_write_and_nothing_is_held_back(served, tmp_pa
     with gw.connect() as sock:
         for _ in range(20):  # keep-alive: head and body of every answer in one TCP segment, not two
             sock.sendall(big(5))
-            assert read_answer(sock) == (200, b'{"results":"xxxxx","valid":true}')
+            assert read_answers(sock, 1) == [(200, b'{"results":"xxxxx","valid":true}')]
         assert data_segments_received(sock) == 20
         sock.sendall(big(200_000))  # past CORK_LIMIT: sent on as it is written
-        assert read_answer(sock) == (200, b'{"results":"' + b"x" * 200_000 + b'","valid":true}')
+        assert read_answers(sock, 1) == [(200, b'{"results":"' + b"x" * 200_000 + b'","valid":true}')]
+        sock.sendall(big(3) + big(1) + big(4))  # pipelined: three answers, in the order asked
+        assert read_answers(sock, 3) == [
+            (200, b'{"results":"xxx","valid":true}'),
+            (200, b'{"results":"x","valid":true}'),
+            (200, b'{"results":"xxxx","valid":true}'),
+        ]
         sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # a head and no body: still sent
         head = sock.recv(65536)
         assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
