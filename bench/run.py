@@ -585,7 +585,8 @@ def machine() -> dict[str, str]:
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gateway.py", "security.py", "modules"],
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--",
+         "gateway.py", "gateway_app.py", "security.py", "modules"],
         capture_output=True, text=True,
     )  # fmt: skip
     return {

@@ -204,7 +204,7 @@ def judge(samples: Sequence[Sample], batches: Sequence[Batch], errors: int, warm
 def serve(opts: argparse.Namespace) -> None:
     """The gateway as `python gateway.py` builds it at its defaults, on ``opts.speed``'s clock,
     plus the reporting thread."""
-    import gateway
+    import gateway_app as gateway
 
     clock = Clock(opts.speed, opts.epoch)
     settings = gateway.Settings(port=opts.port, db=str(opts.db), modules=str(opts.modules))
@@ -417,7 +417,7 @@ def report(
     git = ["git", "-C", str(run.ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "gateway.py", "security.py", "modules", "bench"],
+        [*git, "status", "--porcelain", "--", "gateway.py", "gateway_app.py", "security.py", "modules", "bench"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     load_text = (

@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # run as `python fuzz/<harness>.py`: the gateway 
 
 import msgspec  # noqa: E402
 
-import gateway  # noqa: E402
+import gateway_app as gateway  # noqa: E402
 import security  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "fuzz"

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-import gateway
+import gateway_app as gateway
 import security
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,7 +7,7 @@ import datetime
 import msgspec
 import pytest
 
-import gateway
+import gateway_app as gateway
 from conftest import FIXTURES
 
 

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from playwright.sync_api import Browser, Page, sync_playwright
 
-import gateway
+import gateway_app as gateway
 import security
 from conftest import FIXTURES, ROOT, Secured, free_port, secured_server
 

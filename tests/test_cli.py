@@ -144,3 +144,14 @@ def test_sigterm_drains_calls_in_flight_then_exits_0(processes, tmp_path: Path) 
     output, _ = process.communicate(timeout=20)
     assert answers[0].json() == {"results": "finished", "valid": True}
     assert process.returncode == 0, output
+
+
+def test_gateway_py_stays_a_launcher_and_keeps_the_embedding_api() -> None:
+    """`import gateway` offers what README's Embedding section uses, and the script stays a few
+    lines: CPython keeps the syntax tree of the script it runs for the server's whole life."""
+    import gateway
+    import gateway_app
+
+    for name in ("Settings", "create_app", "load_modules", "main", "serve"):
+        assert getattr(gateway, name) is getattr(gateway_app, name)
+    assert len((ROOT / "gateway.py").read_text().splitlines()) < 40

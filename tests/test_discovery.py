@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-import gateway
+import gateway_app as gateway
 from conftest import FIXTURES
 
 FOLDER = FIXTURES / "discovery"

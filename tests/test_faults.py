@@ -42,7 +42,7 @@ import pytest
 import uvicorn
 from test_security import T0, Answer, Clock, Cred, Stack, make_stack, response_claims
 
-import gateway
+import gateway_app as gateway
 import security as s
 from conftest import FIXTURES, ROOT, free_port
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-import gateway
+import gateway_app as gateway
 from conftest import FIXTURES, ROOT
 
 

@@ -9,7 +9,7 @@ import json
 import subprocess
 from pathlib import Path
 
-import gateway
+import gateway_app as gateway
 from conftest import FIXTURES, ROOT, secured_server
 
 

@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 import client as stt1_client
-import gateway
+import gateway_app as gateway
 import security
 from conftest import FIXTURES, secured_server
 

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_cli import start, stop, wait_healthy
 
 import client as stt1_client
-import gateway
+import gateway_app as gateway
 import security
 from conftest import FIXTURES, free_port, secured_server
 

@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import gateway
+import gateway_app as gateway
 import security as s
 from conftest import ROOT, Running
 from fuzz import common

@@ -19,9 +19,11 @@ import pytest
 import redis
 from test_security import AUD, BODY, JSON, T0, Clock, Cred, Stack, mint_request, replay_refused, response_claims
 
-import gateway
+import gateway_app as gateway
 import security as s
 from conftest import FIXTURES, free_port
+
+SCRIPT = Path(gateway.__file__).with_name("gateway.py")  # what `python gateway.py` runs
 
 
 def redis_binary() -> str:
@@ -125,7 +127,7 @@ def test_redis_down_fails_closed_and_recovers_by_itself(redis_server: RedisServe
 def test_the_cli_accepts_a_redis_replay_store_with_workers(redis_server: RedisServer, tmp_path: Path) -> None:
     (tmp_path / "modules").mkdir()
     process = subprocess.Popen(
-        [gateway.sys.executable, str(Path(gateway.__file__)), "--port", str(free_port()), "--workers", "2",
+        [gateway.sys.executable, str(SCRIPT), "--port", str(free_port()), "--workers", "2",
          "--replay", redis_server.url, "--db", str(tmp_path / "gw.db")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     time.sleep(3)
@@ -228,7 +230,7 @@ def test_a_redis_keystore_down_fails_closed(redis_server: RedisServer, tmp_path:
 
 def test_the_tenant_cli_works_on_a_redis_keystore(redis_server: RedisServer, tmp_path: Path) -> None:
     env = {**os.environ, "GATEWAY_MASTER_KEY": s.b64encode(os.urandom(32)), "GATEWAY_KEYSTORE": redis_server.url}
-    run = [gateway.sys.executable, str(Path(gateway.__file__)), "tenant"]
+    run = [gateway.sys.executable, str(SCRIPT), "tenant"]
     added = subprocess.run([*run, "add", "acme", "--out", "acme.json"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=60)
     assert added.returncode == 0, added.stderr

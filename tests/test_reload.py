@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import client as stt1_client
-import gateway
+import gateway_app as gateway
 from conftest import FIXTURES, secured_server
 
 

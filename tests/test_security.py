@@ -20,7 +20,7 @@ import msgspec
 import pyotp
 import pytest
 
-import gateway
+import gateway_app as gateway
 import security as s
 from conftest import FIXTURES
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import client as stt1_client
-import gateway
+import gateway_app as gateway
 import security as s
 from conftest import FIXTURES
 

@@ -1,0 +1,1717 @@
+"""The gateway: every function a module in ``modules/`` lists in
+``__all_exposed__`` becomes ``POST /rest/<name>/<var1>``.
+
+Read top to bottom: configuration, errors, discovery, dispatch, HTTP, serving, CLI.
+Nothing here runs at import time, so tests and scripts build apps from any folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import itertools
+import logging
+import math
+import os
+import pkgutil
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NotRequired, Required, TypedDict
+from urllib.parse import unquote
+
+import msgspec
+
+from security import (
+    BODY_KEY,
+    CALLER_KEY,
+    FAILURE_REASONS,
+    MAX_BODY_KEY,
+    REQUEST_ID_KEY,
+    TENANT_KEY,
+    Credential,
+    Keystore,
+    KeystoreUnavailable,
+    RedisKeystore,
+    Security,
+    b64encode,
+    open_replay_store,
+    read_credential,
+    write_credential,
+)
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# The scope keys the security middleware fills (the verified Caller, the body it already
+# read) are defined in security.py beside the code that writes them.
+
+STARTUP_FAILURE = 3  # exit code for "could not start", as uvicorn uses
+STATIC = Path(__file__).resolve().parent / "static"
+# The console handles keys: it runs only this origin's scripts, talks only to this origin, and
+# cannot be framed (clickjacking) or leak its URL to other sites.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+#### Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the CLI and ``create_app`` accept; each field is also ``GATEWAY_<NAME>``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    modules: str = "modules"
+    packages: tuple[str, ...] = ()
+    db: str = "gateway.db"
+    workers: int = 1
+    timeout: float = 30.0
+    max_body: int = 1 << 20  # default for functions whose entry sets none
+    rate: float = 0  # default calls per second per tenant and function; 0: unlimited
+    max_result: int = 16 << 20  # the largest encoded result sent; it is built (and signed) whole in memory
+    concurrency: int = 1024
+    threads: int = 40
+    log_level: str = "info"
+    auth: str = "stt1"  # "off" serves /rest/ without tokens: only for benchmarks and trusted loopback use
+    public_url: str = ""  # the audience tokens are bound to; default http://HOST:PORT
+    replay: str = "memory"
+    keystore: str = ""  # "": SQLite at db; redis://...: one keystore shared by every host
+    rotate_days: float = 0  # rotate credentials older than this many days; 0: only on demand
+    reload: bool = True  # watch the modules folder and swap in what changed
+    metrics: bool = False  # serve GET /metrics (Prometheus text format)
+
+    @property
+    def audience(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
+#### Errors
+
+
+class GatewayError(Exception):
+    """The one error type of the request path: it carries what the client is told."""
+
+    def __init__(self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+def error_body(code: str, message: str) -> bytes:
+    return msgspec.json.encode({"valid": False, "error": {"code": code, "message": message}})
+
+
+#### Discovery
+
+
+class Entry(msgspec.Struct, forbid_unknown_fields=True):
+    """One ``__all_exposed__`` item in its dict form; a plain name becomes ``Entry(name)``."""
+
+    name: str
+    tenants: list[str] | None = None
+    timeout: typing.Annotated[float, msgspec.Meta(gt=0)] | None = None
+    doc: str | None = None
+    inline: bool = False
+    otp: bool = False
+    max_body: typing.Annotated[int, msgspec.Meta(ge=0)] | None = None  # bytes; None: the global default
+    rate: typing.Annotated[float, msgspec.Meta(ge=0)] | None = None  # calls/s per tenant; 0: unlimited
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Exposed:
+    """A function ready to call: everything the hot path needs, computed once per load."""
+
+    name: str
+    func: Callable[..., Any]
+    source: str  # the file or module it came from, for messages
+    is_async: bool
+    inline: bool
+    timeout: float | None
+    tenants: frozenset[str] | None  # None: every tenant
+    doc: str
+    otp: bool
+    max_body: int | None  # None: Settings.max_body
+    rate: float | None  # None: Settings.rate
+    params: frozenset[str]
+    first: str | None  # the parameter the URL's <var1> binds
+    args_type: Any  # a TypedDict: what the arguments are decoded into
+    decode_args: Callable[[bytes], Any]  # built once: msgspec.convert re-reads the type per call
+    decode_var1: Callable[[bytes], Any] | None  # lax: the URL's "42" becomes 42 where the hint says int
+    returns: Any
+
+    def allows(self, caller: Any) -> bool:
+        """May this caller (a security.Caller, or None with security off) call it?
+
+        A function restricted to tenants, or needing a second factor, is never callable
+        anonymously: with security off it is hidden like a missing one.
+        """
+        if caller is None:
+            return self.tenants is None and not self.otp
+        return (self.tenants is None or caller.tenant in self.tenants) and caller.may_call(self.name)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Refusal:
+    source: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", " ".join(self.reason.split()))  # one line, always
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Catalog:
+    """The result of one load: the dispatch dict and the modules that were refused."""
+
+    functions: dict[str, Exposed]
+    refused: tuple[Refusal, ...]
+    max_body: int = dataclasses.field(init=False, default=0)  # the largest any entry allows
+
+    def __post_init__(self) -> None:
+        largest = max((fn.max_body or 0 for fn in self.functions.values()), default=0)
+        object.__setattr__(self, "max_body", largest)
+
+
+class Refused(Exception):
+    """A module cannot be served; the message is the reason shown to the operator."""
+
+
+_generation = 0
+
+
+def load_modules(
+    path: str | os.PathLike[str] | None = "modules",
+    packages: tuple[str, ...] = (),
+    *,
+    previous: Catalog | None = None,
+    changed: Collection[str] | None = None,
+) -> Catalog:
+    """Import every module of the folder (and of the named installed packages) afresh.
+
+    Each load imports the folder as a new package (``_gw<N>``), so a reload never sees the
+    modules of the previous one and modules can import their siblings with ``from . import x``.
+    A bad module is refused with its reason; the others still load.
+
+    A reload passes the ``previous`` catalog. With ``changed`` (files, as named in sources),
+    only those are imported again and the rest of ``previous`` is kept as it was, so a reload
+    costs what changed. A changed file that now fails keeps serving its previous version while
+    it is reported as refused; a file that is gone takes its functions with it.
+    """
+    global _generation
+    _generation += 1
+    functions: dict[str, Exposed] = {}
+    refused: list[Refusal] = []
+    only = None
+    if previous is not None and changed is not None:
+        only = {source for source in changed if Path(source).exists()}
+        functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
+        refused = [refusal for refusal in previous.refused if refusal.source not in changed]
+        packages = ()  # installed packages do not change under a running gateway
+    cwd = os.getcwd()
+    for source, import_module in _module_sources(path, packages, f"_gw{_generation}", only):
+        try:
+            try:
+                module = import_module()
+            finally:
+                _keep_cwd(cwd, source)
+            exposed = _exposed_of(module, source)
+            for item in exposed:
+                if item.name in functions:
+                    raise Refused(f"`{item.name}` is already exposed by {functions[item.name].source}")
+        except Refused as exc:
+            refused.append(Refusal(source, str(exc)))
+        except SyntaxError as exc:
+            refused.append(Refusal(source, f"SyntaxError: {exc.msg} (line {exc.lineno})"))
+        except (Exception, SystemExit) as exc:
+            refused.append(Refusal(source, f"{type(exc).__name__}: {exc}"))
+        else:
+            functions.update((item.name, item) for item in exposed)
+            continue
+        log.error("refused %s", refused[-1])
+        if previous is not None:  # the previous version of this file goes on serving
+            functions.update((n, fn) for n, fn in previous.functions.items() if fn.source == source)
+    if previous is not None:
+        _forget_generations(previous.functions.values(), functions.values())
+    return Catalog(functions, tuple(refused))
+
+
+def _keep_cwd(cwd: str, source: str) -> None:
+    """Undo a module's os.chdir at import: the gateway names its modules folder, keystore and
+    credential files relative to the working directory, so a module that moved it would break
+    every later import and every reload (the watcher would look for the folder elsewhere)."""
+    if os.getcwd() != cwd:
+        log.warning("%s changed the working directory at import; changed it back to %s", source, cwd)
+        os.chdir(cwd)
+
+
+def _generation_of(fn: Exposed) -> str:
+    return fn.func.__module__.split(".", 1)[0]
+
+
+def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed]) -> None:
+    """Drop from sys.modules the generations a reload replaced and nothing serves any more.
+
+    Without this every reload would keep its module objects alive for ever; a generation that
+    still serves (an unchanged file loaded earlier) keeps its package, for lazy imports, but not
+    the modules of it that were replaced: whatever such a module holds (a cache, a leak) is
+    freed by reloading it, whatever else its generation still serves.
+    """
+    gone = {_generation_of(fn) for fn in replaced} - {_generation_of(fn) for fn in serving} - {f"_gw{_generation}"}
+    gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
+    for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
+        del sys.modules[name]
+    stale = {fn.func.__module__ for fn in replaced} - {fn.func.__module__ for fn in serving}
+    for name in stale:
+        if re.fullmatch(r"_gw\d+\..+", name):
+            sys.modules.pop(name, None)
+            parent, _, child = name.rpartition(".")
+            package = sys.modules.get(parent)
+            if package is not None:  # importing _gwN.x also set it as an attribute of the package
+                vars(package).pop(child, None)
+
+
+def _module_sources(
+    path: str | os.PathLike[str] | None, packages: tuple[str, ...], package_name: str, only: set[str] | None = None
+) -> Iterator[tuple[str, Callable[[], types.ModuleType]]]:
+    """Yield (display name, importer) for each module to consider, in a stable order."""
+    if path is not None:
+        root = Path(path)
+        package = types.ModuleType(package_name)
+        package.__path__ = [str(root)]
+        package.__package__ = package_name
+        sys.modules[package_name] = package
+        for file in _walk(root) if only is None else sorted(map(Path, only)):
+            dotted = ".".join(file.relative_to(root).with_suffix("").parts)
+            yield str(file), functools.partial(importlib.import_module, f"{package_name}.{dotted}")
+    for name in packages:
+        yield name, functools.partial(importlib.import_module, name)
+        top = sys.modules.get(name)  # absent when the import just failed (and was refused)
+        for info in pkgutil.walk_packages(getattr(top, "__path__", []), prefix=f"{name}."):
+            if not any(part.startswith("_") for part in info.name.split(".")):
+                yield info.name, functools.partial(importlib.import_module, info.name)
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(("_", ".")):
+            continue
+        if child.is_dir():
+            yield from _walk(child)
+        elif child.suffix == ".py":
+            yield child
+
+
+def _exposed_of(module: types.ModuleType, source: str) -> list[Exposed]:
+    listing = getattr(module, "__all_exposed__", None)
+    if listing is None:
+        return []
+    if listing == "*":
+        entries = [
+            Entry(name)
+            for name, obj in vars(module).items()
+            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
+        ]
+    elif isinstance(listing, (list, tuple)):
+        entries = [_entry(item) for item in listing]
+    else:
+        raise Refused('__all_exposed__ must be a list or "*"')
+    names = [entry.name for entry in entries]
+    for name in names:
+        if names.count(name) > 1:
+            raise Refused(f"`{name}` is listed twice")
+    return [_exposed(module, entry, source) for entry in entries]
+
+
+def _entry(item: object) -> Entry:
+    if isinstance(item, str):
+        return Entry(item)
+    if not isinstance(item, dict):
+        raise Refused(f"an entry must be a name or a dict, not {type(item).__name__}: {item!r}")
+    try:
+        return msgspec.convert(item, Entry)
+    except msgspec.ValidationError as exc:
+        raise Refused(f"bad entry {item!r}: {exc}") from None
+
+
+def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
+    name = entry.name
+    if not name.isidentifier() or name.startswith("_"):
+        raise Refused(f"`{name}` is not a public function name")
+    func = getattr(module, name, None)
+    if func is None:
+        raise Refused(f"`{name}` is listed but not defined")
+    if not callable(func) or inspect.isclass(func):
+        raise Refused(f"`{name}` is not a function")
+    try:
+        signature = inspect.signature(func)
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception as exc:
+        raise Refused(f"`{name}`: cannot read its signature: {exc}") from None
+    fields: dict[str, Any] = {}
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
+            raise Refused(f"`{name}`: parameter `{param.name}` cannot be bound from a JSON object")
+        hint = hints.get(param.name, Any)
+        try:
+            msgspec.json.schema(hint, schema_hook=_schema_hook)  # proves msgspec can convert into it
+        except Exception:
+            raise Refused(
+                f"`{name}`: parameter `{param.name}` has a type msgspec cannot convert: "
+                f"{inspect.formatannotation(hint, module.__name__)}"
+            ) from None
+        fields[param.name] = Required[hint] if param.default is param.empty else NotRequired[hint]
+    args_type = TypedDict(f"{name}_args", fields, total=False)  # type: ignore[misc]
+    returns = hints.get("return", Any)
+    try:
+        msgspec.json.schema(returns, schema_hook=_schema_hook)
+    except Exception:
+        returns = Any  # only documentation suffers: the result is checked when it is encoded
+    is_async = inspect.iscoroutinefunction(func)
+    if entry.inline and is_async:
+        raise Refused(f"`{name}`: `inline` is for sync functions; this one is async")
+    first = next(iter(fields), None)
+    return Exposed(
+        name=name,
+        func=func,
+        source=source,
+        is_async=is_async,
+        inline=entry.inline,
+        timeout=entry.timeout,
+        tenants=None if entry.tenants is None else frozenset(entry.tenants),
+        doc=entry.doc if entry.doc is not None else inspect.cleandoc(func.__doc__ or ""),
+        otp=entry.otp,
+        max_body=entry.max_body,
+        rate=entry.rate,
+        params=frozenset(fields),
+        first=first,
+        args_type=args_type,
+        decode_args=msgspec.json.Decoder(args_type).decode,
+        decode_var1=msgspec.json.Decoder(hints.get(first, Any), strict=False).decode if first else None,
+        returns=returns,
+    )
+
+
+def _schema_hook(cls: type) -> dict[str, Any]:
+    if cls is object:  # msgspec passes `object` values through untouched
+        return {"description": "any JSON value"}
+    raise NotImplementedError
+
+
+#### Dispatch
+
+
+def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> dict[str, Any]:
+    """Turn the body (and the URL's var1) into keyword arguments, or raise a 400/422.
+
+    Body values are converted strictly, as JSON typed them; only the URL's var1, always a
+    string, is converted laxly ("42" becomes 42 where the hint says int).
+    """
+    args = decode_object(body)  # generic first: funcName and unknown fields need the raw keys
+    named = args.pop("funcName", url_func)
+    if url_func is not None and named != url_func:
+        raise GatewayError(400, "bad_json", f"funcName `{named}` conflicts with the URL's `{url_func}`")
+    for key in args:
+        if key not in fn.params:
+            raise GatewayError(422, "invalid_arguments", f"Object contains unknown field `{key}`")
+    if var1 is not None:
+        if fn.decode_var1 is None or fn.first is None:
+            raise GatewayError(422, "invalid_arguments", f"`{fn.name}` takes no arguments, so the URL cannot carry one")
+        if fn.first in args:
+            raise GatewayError(422, "invalid_arguments", f"`{fn.first}` is given both in the URL and in the body")
+        try:
+            args[fn.first] = fn.decode_var1(msgspec.json.encode(var1))
+        except msgspec.ValidationError as exc:
+            raise GatewayError(422, "invalid_arguments", f"{exc} - at `$.{fn.first}` (from the URL)") from None
+        body = msgspec.json.encode(args)
+    try:
+        return fn.decode_args(body or b"{}")
+    except msgspec.ValidationError as exc:
+        # JSON has one kind of number: 2.0 is the integer 2, as JSON Schema (so /openapi.json)
+        # says, but msgspec's strict mode wants it spelled 2. Only on that refusal, try once more
+        # with whole floats as ints; any other refusal stands, with its own message.
+        if "got `float`" in str(exc):
+            with contextlib.suppress(msgspec.ValidationError):
+                return fn.decode_args(msgspec.json.encode(_whole_floats_as_ints(decode_object(body))))
+        raise GatewayError(422, "invalid_arguments", str(exc)) from None
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    return value
+
+
+def decode_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        return {}
+    try:
+        args = msgspec.json.decode(body)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # msgspec reports bad UTF-8 inside a string and nesting past the recursion limit with
+        # Python's own errors, not DecodeError: both are the client's malformed JSON, not a 500.
+        raise GatewayError(400, "bad_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(args, dict):
+        raise GatewayError(400, "bad_json", "body must be a JSON object")
+    return args
+
+
+class Dispatcher:
+    """Runs one exposed function under the gateway's timeout and concurrency limits."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.inflight = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="gateway-call")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _release(self, _: object = None) -> None:
+        self.inflight -= 1
+
+    async def call(self, fn: Exposed, kwargs: dict[str, Any]) -> Any:
+        if self.inflight >= self.settings.concurrency:
+            raise GatewayError(503, "overloaded", "too many calls in progress; retry later")
+        timeout = fn.timeout or self.settings.timeout
+        self.inflight += 1
+        if fn.inline:
+            try:
+                return fn.func(**kwargs)
+            finally:
+                self.inflight -= 1
+        if fn.is_async:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await fn.func(**kwargs)
+            except TimeoutError:
+                raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
+            finally:
+                self.inflight -= 1
+        # A thread cannot be cancelled: the slot stays taken until the function really
+        # returns, so hung functions end in 503s instead of an unbounded pile of threads.
+        future = asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn.func(**kwargs))
+        future.add_done_callback(self._release)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
+        except TimeoutError:
+            raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
+
+
+class RateLimits:
+    """Token buckets per (tenant, function): ``rate`` calls per second on average, in bursts
+    of up to ``max(rate, 1)``. Kept per process: with ``--workers N`` a tenant may reach N
+    times the rate (README, "Limits"). ``clock`` is a parameter so tests need not wait."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._buckets: dict[tuple[str | None, str], tuple[float, float]] = {}  # -> (tokens, at)
+
+    def wait(self, tenant: str | None, function: str, rate: float) -> float:
+        """Take one call from the bucket: 0.0 if it may run now, else the seconds until one may."""
+        now = self.clock()
+        capacity = max(rate, 1.0)
+        tokens, at = self._buckets.get((tenant, function), (capacity, now))
+        tokens = min(capacity, tokens + (now - at) * rate)
+        if tokens >= 1:
+            self._buckets[(tenant, function)] = (tokens - 1, now)
+            return 0.0
+        self._buckets[(tenant, function)] = (tokens, now)
+        return (1 - tokens) / rate
+
+
+#### HTTP
+
+_SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+_JSON = b"application/json"
+_CHALLENGE = ((b"www-authenticate", b"STT1"),)
+
+
+class AccessLog:
+    """One line per request, handed to the ``gateway.access`` logger in batches.
+
+    A log record per request costs more than dispatching a small call (about 25 us against
+    a 60 us request), so lines are stamped when they happen and written at most
+    FLUSH_SECONDS later, nginx-style, as one record per batch.
+    """
+
+    FLUSH_SECONDS = 0.25
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+        self._second = -1
+        self._stamp = ""
+
+    def add(self, request_id: bytes, tenant: str, function: str, status: int, seconds: float) -> None:
+        now = time.time()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        if not self._lines:
+            asyncio.get_running_loop().call_later(self.FLUSH_SECONDS, self.flush)
+        self._lines.append(
+            f"{self._stamp},{int(now % 1 * 1000):03d} INFO gateway.access: {request_id.decode()} "
+            f"tenant={tenant} func={function} status={status} {seconds * 1000:.2f}ms"
+        )
+
+    def flush(self) -> None:
+        if self._lines:
+            lines, self._lines = self._lines, []
+            access_log.info("\n".join(lines))
+
+
+class Gateway:
+    """The ASGI app: ``/rest`` goes straight to the dispatcher (the hot path, pure ASGI);
+    everything else (health, OpenAPI) is a small Starlette app."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        security: Security | Callable[[ASGIApp], ASGIApp] | None = None,
+        modules: str | os.PathLike[str] | None = None,
+    ):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Mount, Route
+        from starlette.staticfiles import StaticFiles
+
+        self.settings = settings
+        self.catalog = catalog  # replaced whole on every reload: one assignment, never edited
+        self.modules = None if modules is None else Path(modules)
+        self.loaded_at = time.time()  # what the watcher compares mtimes with (create_app sets it exactly)
+        self.reloads = 0
+        self.dispatcher = Dispatcher(settings)
+        self.limits = RateLimits()
+        self.access = AccessLog()
+        self.exit_grace: float | None = None  # the CLI's processes only: see _end_process_after
+        self.security = security if isinstance(security, Security) else None
+        self.metrics = Metrics(self) if settings.metrics else None
+        wrap = security.wrap if isinstance(security, Security) else security
+        self.secured = wrap is not None  # /rest needs a token: what /openapi.json tells clients
+        self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
+        self.site = Starlette(
+            routes=[
+                Route("/healthz", self._healthz),
+                Route("/openapi.json", self._openapi),
+                Route("/console", self._console),
+                *([Route("/metrics", self._metrics)] if self.metrics else []),
+                Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
+            ],
+            exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+            lifespan=self._lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/rest" or path.startswith("/rest/")):
+            scope[REQUEST_ID_KEY] = _request_id(scope)
+            # Read up to the largest limit of any function, for every path alike: a limit that
+            # depended on the URL would tell unauthenticated callers which functions exist.
+            scope[MAX_BODY_KEY] = max(self.settings.max_body, self.catalog.max_body)
+            if self.metrics is None:
+                await self.rest(scope, receive, send)
+            else:
+                await self.metrics.track(self.rest, scope, receive, send)
+        else:
+            if scope["type"] == "http":
+                # Starlette answers a malformed or unsatisfiable Range on a file with a text/plain
+                # 400 or 416, outside the JSON error model. RFC 9110 lets a server ignore Range,
+                # and the console's files are a few KB: they are always sent whole.
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"range"]
+            await self.site(scope, receive, send)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: object) -> typing.AsyncIterator[None]:
+        tasks = []
+        if self.security is not None and self.settings.rotate_days > 0:
+            tasks.append(asyncio.create_task(self._rotate_by_policy(self.security.keystore)))
+        if self.settings.reload and self.modules is not None:
+            tasks.append(asyncio.create_task(watch_modules(self, self.modules)))
+        yield
+        for task in tasks:
+            task.cancel()
+        self.dispatcher.close()
+        self.access.flush()
+        if self.exit_grace is not None:
+            _end_process_after(self.exit_grace)
+
+    async def _rotate_by_policy(self, keystore: Keystore) -> None:
+        """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials."""
+        while True:
+            for tid, old, new in await asyncio.to_thread(keystore.rotate, older_than_days=self.settings.rotate_days):
+                log.info("rotation policy: tenant %s kid %s gets successor %s", tid, old, new)
+            await asyncio.sleep(3600)
+
+    async def _rest(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        request_id = scope[REQUEST_ID_KEY]
+        content_type = b""
+        content_length = None
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                content_length = value
+        func_name = None
+        try:
+            func_name, var1 = _split_rest_path(scope)
+            if func_name is not None:  # else _handle names it from the body's funcName
+                scope["gateway.function"] = func_name
+            result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
+            status, body = 200, msgspec.json.encode({"results": result, "valid": True})
+            if len(body) > self.settings.max_result:
+                raise GatewayError(500, "internal_error", f"the result is over {self.settings.max_result} bytes")
+            extra: tuple[tuple[bytes, bytes], ...] = ()
+        except GatewayError as exc:
+            status, body, extra = exc.status, error_body(exc.code, exc.message), exc.headers
+            if status >= 500:
+                log.error("request %s: %s %s", request_id.decode(), exc.code, exc.message)
+        except Exception:
+            log.exception("request %s: `%s` raised", request_id.decode(), func_name)
+            status, body, extra = 500, error_body("internal_error", "the function failed; see the server log"), ()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", _JSON),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"x-request-id", request_id),
+                    *extra,
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+        if access_log.isEnabledFor(logging.INFO):
+            self.access.add(
+                request_id,
+                scope.get(TENANT_KEY, "-"),
+                scope.get("gateway.function", "-"),
+                status,
+                time.perf_counter() - started,
+            )
+
+    async def _handle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        func_name: str | None,
+        var1: str | None,
+        content_type: bytes,
+        content_length: bytes | None,
+    ) -> Any:
+        method = scope["method"]
+        caller = scope.get(CALLER_KEY)
+        if func_name is None and method == "GET":
+            return self.describe(caller)
+        if method != "POST":
+            allow = b"GET, POST" if func_name is None else b"POST"
+            raise GatewayError(405, "method_not_allowed", f"use {allow.decode()}", ((b"allow", allow),))
+        body = scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, scope[MAX_BODY_KEY])
+        if body and content_type.split(b";", 1)[0].strip().lower() != _JSON:
+            raise GatewayError(415, "unsupported_media_type", "send the arguments as application/json")
+        if func_name is None:
+            named = decode_object(body).get("funcName")
+            if not isinstance(named, str):
+                raise GatewayError(400, "bad_json", "POST /rest/ needs the function's name in `funcName`")
+            func_name = scope["gateway.function"] = named
+        fn = self.catalog.functions.get(func_name)
+        if fn is None or not fn.allows(caller):
+            raise GatewayError(404, "not_found", "no such function")
+        max_body = self.settings.max_body if fn.max_body is None else fn.max_body
+        if len(body) > max_body:
+            raise GatewayError(413, "too_large", f"`{fn.name}` accepts at most {max_body} bytes")
+        rate = self.settings.rate if fn.rate is None else fn.rate
+        if rate and (wait := self.limits.wait(caller and caller.tenant, fn.name, rate)):
+            raise GatewayError(
+                429,
+                "rate_limited",
+                f"`{fn.name}` allows {rate:g} calls per second; retry in {wait:.2g} s",
+                ((b"retry-after", str(math.ceil(wait)).encode()),),
+            )
+        if fn.otp:
+            try:
+                passed = caller is not None and caller.check_otp()
+            except KeystoreUnavailable as exc:
+                log.error("request %s: %s", scope[REQUEST_ID_KEY].decode(), exc)
+                raise GatewayError(503, "overloaded", "key store unavailable") from None
+            if not passed:
+                raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
+        kwargs = bind(fn, body, var1, func_name)
+        return await self.dispatcher.call(fn, kwargs)
+
+    def describe(self, caller: Any) -> dict[str, Any]:
+        """The catalog a tenant sees: only what it may call."""
+        return {
+            fn.name: {
+                "doc": fn.doc,
+                "var1": fn.first,
+                "arguments": msgspec.json.schema(fn.args_type, schema_hook=_schema_hook),
+                "otp": fn.otp,
+            }
+            for fn in self.catalog.functions.values()
+            if fn.allows(caller)
+        }
+
+    async def _healthz(self, request: Any) -> Any:
+        return _json_response(
+            {
+                "status": "ok",
+                "functions": len(self.catalog.functions),
+                "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
+            }
+        )
+
+    async def _openapi(self, request: Any) -> Any:
+        return _json_response(openapi(self.catalog, secured=self.secured))
+
+    async def _metrics(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        assert self.metrics is not None
+        body, content_type = await asyncio.to_thread(self.metrics.render)  # a SQLite count may block
+        return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+    async def _console(self, request: Any) -> Any:
+        from starlette.responses import FileResponse
+
+        return FileResponse(STATIC / "console.html", headers=CONSOLE_HEADERS)
+
+    async def _http_error(self, request: Any, exc: Any) -> Any:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        code = codes.get(exc.status_code, "http_error")
+        return _json_response(
+            msgspec.json.decode(error_body(code, str(exc.detail))), exc.status_code, dict(exc.headers or {})
+        )
+
+
+def _json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    headers = {"x-request-id": secrets.token_hex(8), **(headers or {})}
+    return Response(msgspec.json.encode(content), status, headers, media_type="application/json")
+
+
+def _request_id(scope: Scope) -> bytes:
+    """The client's (or load balancer's) X-Request-Id when it is safe to log, else a new one.
+
+    New ids are a per-process random prefix and a counter: unique across workers and hosts
+    without a getrandom system call per request (ids are labels for logs, not secrets).
+    """
+    for key, value in scope["headers"]:
+        if key == b"x-request-id" and _SAFE_REQUEST_ID.fullmatch(value):
+            return bytes(value)
+    return b"%s%08x" % (_id_prefix[0], next(_id_counter))
+
+
+_id_counter = itertools.count()
+_id_prefix = [secrets.token_hex(4).encode()]
+# A forked worker must not repeat its parent's ids.
+os.register_at_fork(after_in_child=lambda: _id_prefix.__setitem__(0, secrets.token_hex(4).encode()))
+
+
+def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
+    """``/rest[/<func>[/<var1>]][/]`` from the raw path, so an encoded ``/`` stays in var1."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    if raw != b"/rest" and not raw.startswith(b"/rest/"):  # "/%72est/add" is routed here by its decoded path
+        raise GatewayError(404, "not_found", "no such function")
+    parts = raw[len(b"/rest/") :].split(b"/") if len(raw) > 5 else []
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) > 2 or b"" in parts:
+        raise GatewayError(404, "not_found", "no such function")
+    decoded = [unquote(part.decode("latin-1")) for part in parts] + [None, None]
+    return decoded[0], decoded[1]
+
+
+async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
+    """Read the request body, refusing with 413 before reading past ``limit``."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise GatewayError(400, "bad_json", "Content-Length is not a number") from None
+        if declared > limit:
+            raise GatewayError(413, "too_large", f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise GatewayError(400, "bad_json", "the client went away before sending the body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, "too_large", f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
+    """OpenAPI 3.1, one operation per function, schemas from the type hints via msgspec.
+
+    It lists every status the endpoint can answer, with the error body and the headers each
+    one carries, so a client (or a schema-driven tester) can rely on it. ``secured``: STT1 is
+    on, so calls need a token and answers past the token check are signed.
+    """
+    functions = sorted(catalog.functions.values(), key=lambda fn: fn.name)
+    returns = [Result[fn.returns] for fn in functions]  # type: ignore[name-defined]
+    schemas, components = msgspec.json.schema_components(
+        [fn.args_type for fn in functions] + returns,
+        ref_template="#/components/schemas/{name}",
+        schema_hook=_schema_hook,
+    )
+    for schema in schemas[: len(functions)]:
+        components[schema["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
+    # Without STT1 nothing checks tokens: no 401 (and a 429 is only ever a function's rate).
+    statuses = {status: name for status, (name, _, _) in _ERRORS.items() if secured or status != 401}
+    paths = {
+        f"/rest/{fn.name}/": {
+            "post": {
+                "operationId": fn.name,
+                "summary": fn.doc.split("\n", 1)[0] if fn.doc else fn.name,
+                "description": fn.doc
+                + (f"\n\n`POST /rest/{fn.name}/{{{fn.first}}}` binds `{fn.first}` from the URL." if fn.first else ""),
+                # An empty body is `{}`: it is only optional when every argument has a default.
+                "requestBody": {
+                    "required": bool(components[args["$ref"].rsplit("/", 1)[1]].get("required")),
+                    "content": {"application/json": {"schema": args}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "the function's result",
+                        "headers": _headers(secured, signed=True),
+                        "content": {"application/json": {"schema": ret}},
+                    },
+                    **{str(status): {"$ref": f"#/components/responses/{name}"} for status, name in statuses.items()},
+                },
+            }
+        }
+        for fn, args, ret in zip(functions, schemas[: len(functions)], schemas[len(functions) :], strict=True)
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "gateway", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "responses": {name: _error_response(status, secured) for status, name in statuses.items()},
+        },
+    }
+    if secured:
+        document["security"] = [{"STT1": []}]
+        document["components"]["securitySchemes"] = {
+            "STT1": {
+                "type": "http",
+                "scheme": "STT1",
+                "description": "`Authorization: STT1 <token>`: a single-use PASETO v3.local token bound to this "
+                "request's method, target, content type and body (PROTOCOL.md). Answers past the token check "
+                "carry the gateway's token in `STT1-Response`.",
+            }
+        }
+    return document
+
+
+# Every error a function's endpoint can answer: (name in components.responses, codes, when).
+_ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
+    400: ("BadJson", ("bad_json",), "the body is not a JSON object"),
+    401: ("Unauthorized", ("unauthorized",), "any token failure, or a missing or reused second factor"),
+    404: ("NotFound", ("not_found",), "no such function, or one this tenant may not call"),
+    408: ("RequestTimeout", ("timeout",), "the request line and headers were too slow; the connection is closed"),
+    413: ("TooLarge", ("too_large",), "the body is over the largest limit (unread), or over the function's"),
+    415: ("UnsupportedMediaType", ("unsupported_media_type",), "a body that is not application/json"),
+    422: ("InvalidArguments", ("invalid_arguments",), "binding or validation failed; the message names the field"),
+    429: (
+        "TooManyRequests",
+        ("throttled", "rate_limited"),
+        "too many failed calls from this address or for this tenant, or over the function's rate",
+    ),
+    431: ("HeadTooLarge", ("too_large",), "the request line and headers are too large; the connection is closed"),
+    500: ("InternalError", ("internal_error",), "the function raised, or its result cannot be sent"),
+    503: ("Overloaded", ("overloaded",), "too many calls in progress, or the key or replay store is unavailable"),
+    504: ("Timeout", ("timeout",), "the call exceeded its timeout"),
+}
+# Refused by the HTTP protocol itself, before any request exists: no request id, no signature.
+_RAW = {408, 431}
+# Signed or not: a bad token, a body over the largest limit, a throttled address or an
+# unavailable keystore are answered before the token is verified (PROTOCOL.md 3.11); a replay,
+# a missing second factor, a function's own limit or rate, a full concurrency limit after it.
+_SOMETIMES_SIGNED = {401, 413, 429, 503}
+
+
+def _headers(secured: bool, signed: bool) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        "X-Request-Id": {
+            "description": "the id of this request in the server log: the caller's own when it is safe to log",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        }
+    }
+    if secured and signed:
+        headers["STT1-Response"] = {
+            "description": "the gateway's token over this status, content type and body, bound to the request's",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^v3\\.local\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$"},
+        }
+    return headers
+
+
+def _error_response(status: int, secured: bool) -> dict[str, Any]:
+    """A response object for one error status: its body, ``{"valid": false, "error": {...}}``."""
+    _, codes, when = _ERRORS[status]
+    if status == 429 and not secured:
+        codes = ("rate_limited",)  # nothing counts failed tokens
+    headers = {} if status in _RAW else _headers(secured, signed=True)
+    if status in _SOMETIMES_SIGNED and "STT1-Response" in headers:
+        headers["STT1-Response"]["required"] = False
+    if status == 401:
+        headers["WWW-Authenticate"] = {"required": True, "schema": {"const": "STT1"}}
+    elif status == 429:
+        headers["Retry-After"] = {"required": True, "schema": {"type": "string", "pattern": "^[0-9]+$"}}
+    code = {"const": codes[0]} if len(codes) == 1 else {"enum": list(codes)}
+    detail = {"code": code, "message": {"type": "string"}}
+    error = {"type": "object", "properties": detail, "required": ["code", "message"], "additionalProperties": False}
+    body = {
+        "type": "object",
+        "properties": {"valid": {"const": False}, "error": error},
+        "required": ["valid", "error"],
+        "additionalProperties": False,
+    }
+    response = {"description": when, "content": {"application/json": {"schema": body}}}
+    return {**response, "headers": headers} if headers else response
+
+
+T = typing.TypeVar("T")
+
+
+class Result(msgspec.Struct, typing.Generic[T], forbid_unknown_fields=True):
+    results: T
+    valid: typing.Literal[True]
+
+
+def create_app(
+    modules: str | os.PathLike[str] | None = "modules",
+    *,
+    settings: Settings | None = None,
+    security: Security | Callable[[ASGIApp], ASGIApp] | None = None,
+    **overrides: Any,
+) -> Gateway:
+    """Build the ASGI app for a folder of modules; for scripts and tests that embed the gateway.
+
+    Secure by default: unless ``auth="off"``, every call needs an STT1 token checked against
+    the keystore in ``settings.db`` (or the ``security`` given).
+    """
+    settings = dataclasses.replace(settings or Settings(), **overrides)
+    if security is None and settings.auth != "off":
+        security = build_security(settings)
+    loaded_at = time.time()
+    app = Gateway(settings, load_modules(modules, settings.packages), security, modules)
+    app.loaded_at = loaded_at
+    return app
+
+
+def open_keystore(settings: Settings) -> Keystore:
+    """SQLite at --db, or with --keystore redis://... the one every host shares (same master key)."""
+    if settings.keystore:
+        if not settings.keystore.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"unknown keystore {settings.keystore!r}: use redis://host:port/db, or none for SQLite")
+        return RedisKeystore(settings.keystore, key_file_base=settings.db)
+    return Keystore(settings.db)
+
+
+def build_security(settings: Settings) -> Security:
+    keystore = open_keystore(settings)
+    return Security(keystore, open_replay_store(settings.replay, settings.db), settings.audience)
+
+
+#### Metrics
+
+
+class Metrics:
+    """``GET /metrics`` in Prometheus text format (``--metrics``), through prometheus_client.
+
+    With ``--workers N`` the numbers must add up over every worker, whichever one answers the
+    scrape: prometheus_client's multiprocess mode does that through files in
+    PROMETHEUS_MULTIPROC_DIR (``main`` sets one up). Labels only ever take bounded values:
+    functions of the catalog (else "-"), verified tenants (else "-"), statuses, and
+    security.FAILURE_REASONS, so no request can add a series.
+    """
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+    def __init__(self, gateway: Gateway) -> None:
+        import prometheus_client as prom
+
+        self.gateway = gateway
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # One registry per app (tests build many); in multiprocess mode values live in files.
+        self.registry = None if self.multiprocess else prom.CollectorRegistry()
+        kw: dict[str, Any] = {"registry": self.registry}
+        self.requests = prom.Counter(
+            "gateway_requests", "Answers under /rest, by function, status and verified tenant",
+            ["function", "status", "tenant"], **kw,
+        )  # fmt: skip
+        self.latency = prom.Histogram(
+            "gateway_request_seconds", "Time from request to answer under /rest, by function", ["function"],
+            buckets=self.BUCKETS, **kw,
+        )  # fmt: skip
+        self.token_failures = prom.Counter(
+            "gateway_token_failures", "Requests refused before their call, by reason", ["reason"], **kw
+        )
+        self.reloads = prom.Counter("gateway_reloads", "Reloads of the modules folder since start", **kw)
+        last = {**kw, "multiprocess_mode": "mostrecent"}
+        self.functions = prom.Gauge("gateway_functions", "Functions served", **last)
+        self.refused = prom.Gauge("gateway_refused_modules", "Modules refused by the last load", **last)
+        self.replay_entries = prom.Gauge(
+            "gateway_replay_store_entries", "Token ids remembered by the replay store (memory, SQLite)", **last
+        )
+        for reason in FAILURE_REASONS:  # every reason present from the start, at 0
+            self.token_failures.labels(reason)
+        if gateway.security is not None:
+            gateway.security.on_failure = lambda reason: self.token_failures.labels(reason).inc()
+
+    async def track(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        status = 500  # what the server answers if the app fails before it does
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, send_status)
+        finally:
+            name = scope.get("gateway.function")  # set by _rest
+            if name is None:  # refused before _rest ran: the name the URL gives, if any
+                with contextlib.suppress(GatewayError):
+                    name = _split_rest_path(scope)[0]
+            function = name if name in self.gateway.catalog.functions else "-"
+            self.requests.labels(function, str(status), scope.get(TENANT_KEY, "-")).inc()
+            self.latency.labels(function).observe(time.perf_counter() - started)
+
+    def render(self) -> tuple[bytes, str]:
+        import prometheus_client as prom
+        from prometheus_client import multiprocess
+
+        catalog = self.gateway.catalog
+        self.functions.set(len(catalog.functions))
+        self.refused.set(len(catalog.refused))
+        store = self.gateway.security.replay if self.gateway.security is not None else None
+        if store is not None and hasattr(store, "__len__"):  # Redis: use a Redis exporter
+            self.replay_entries.set(len(store))
+        registry = self.registry
+        if registry is None:
+            registry = prom.CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return prom.generate_latest(registry), prom.CONTENT_TYPE_LATEST
+
+
+#### Hot reload
+
+
+WATCH_DELAY = 0.5  # seconds: start-up first; the watcher's import and set-up come after
+
+
+async def watch_modules(gateway: Gateway, root: Path) -> None:
+    """Swap in a new catalog whenever files under ``root`` change, for as long as it runs.
+
+    Only the changed modules are imported again (in a thread: a slow import never stalls
+    requests); a changed helper (a file or folder starting with ``_``) may be imported by any
+    module, so it reloads them all. The new catalog replaces the old in one assignment, so a
+    request in flight finishes on the function it started with.
+
+    The watcher starts WATCH_DELAY after the app, so start-up serves sooner; files saved
+    since the modules were loaded are found by their mtimes and reloaded then, so none is missed.
+    """
+    await asyncio.sleep(WATCH_DELAY)
+    watchfiles = await asyncio.to_thread(importlib.import_module, "watchfiles")
+    resolved = root.resolve()
+    missed = {f.relative_to(resolved).parts for f in resolved.rglob("*.py") if f.stat().st_mtime >= gateway.loaded_at}
+    if missed:
+        await _reload(gateway, root, missed)
+    async for changes in watchfiles.awatch(resolved, debounce=50, step=20, recursive=True):
+        await _reload(gateway, root, {Path(path).relative_to(resolved).parts for _, path in changes})
+
+
+async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> None:
+    parts = {p for p in parts if p and p[-1].endswith(".py") and not any(s.startswith(".") for s in p)}
+    if not parts:
+        return
+    started = time.perf_counter()
+    for p in parts:
+        # A pyc is trusted while the source's size and whole-second mtime match: two saves
+        # within a second with the same size would import the old code. Drop it.
+        with contextlib.suppress(OSError, ValueError):
+            os.unlink(importlib.util.cache_from_source(str(root.resolve().joinpath(*p))))
+    previous = gateway.catalog
+    if any(s.startswith("_") for p in parts for s in p):
+        catalog = await asyncio.to_thread(load_modules, root, gateway.settings.packages, previous=previous)
+    else:
+        changed = {str(root.joinpath(*p)) for p in parts}
+        catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
+    gateway.catalog = catalog
+    gateway.reloads += 1
+    if gateway.metrics is not None:
+        gateway.metrics.reloads.inc()
+    log.info(
+        "reloaded %s in %.0f ms: %d functions, %d refused",
+        ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
+        len(catalog.functions), len(catalog.refused),
+    )  # fmt: skip
+
+
+#### Serving
+
+EXIT_GRACE = 2.0  # seconds a stopped gateway process may take to exit before it is ended
+
+
+def _end_process_after(seconds: float) -> None:
+    """End this process ``seconds`` from now unless it has exited by then.
+
+    Python's exit waits for every non-daemon thread: a sync function that hangs (a thread
+    cannot be killed, and the thread pool is joined at exit) or a thread a module started
+    would keep a gateway that has drained and stopped alive until SIGKILL. Only the CLI's
+    processes arm this (``exit_grace``); a script that embeds the gateway owns its process.
+    """
+
+    def end() -> None:
+        time.sleep(seconds)
+        running = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        log.warning("exiting with %d thread(s) still running: %s", len(running), ", ".join(running))
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=end, name="gateway-exit", daemon=True).start()
+
+
+def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
+    """Serve an app in this process until interrupted; exits with STARTUP_FAILURE if it cannot listen."""
+    import uvicorn
+
+    settings = app.settings
+    sock = _listen(host or settings.host, settings.port if port is None else port)
+    config = _uvicorn_config(app, settings)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn drains, then re-raises the signal it caught: make SIGTERM end as cleanly as Ctrl+C.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+
+
+def _uvicorn_config(app: Any, settings: Settings, **extra: Any) -> Any:
+    import uvicorn
+
+    # By name only for --workers (other processes import it); in this process, the function itself.
+    extra.setdefault("http", "gateway_app:http_protocol" if extra.get("workers", 1) > 1 else http_protocol)
+    return uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,  # "server: uvicorn" tells a scanner what to try, and costs every answer a header
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+        **extra,
+    )
+
+
+HEAD_LIMIT = 64 * 1024  # bytes of request line and headers; nginx allows 32 KiB by default
+HEAD_TIMEOUT = 10.0  # seconds from a connection (or a request's first byte) to the end of its headers
+BODY_TIMEOUT = 30.0  # seconds a request body may go without a byte arriving
+
+
+def http_protocol(
+    *, head_limit: int = HEAD_LIMIT, head_timeout: float = HEAD_TIMEOUT, body_timeout: float = BODY_TIMEOUT, **kw: Any
+) -> Any:
+    """uvicorn's HTTP protocol (httptools) with the limits it leaves out; uvicorn calls this per connection.
+
+    uvicorn reads a request head of any size and waits for it for ever: one client could hold
+    memory without bound, and idle or trickling connections (slowloris) stay open until the
+    file descriptors run out. Here a head over ``head_limit`` bytes is answered 431 and one not
+    complete ``head_timeout`` s after the connection opened (or the request began) 408, both
+    JSON, and the connection closed; a body that goes ``body_timeout`` s without a byte is
+    dropped, which the call sees as a disconnect. Tests pass small limits with functools.partial.
+    """
+    protocol = _guarded_http()(**kw)
+    protocol.limits = (head_limit, head_timeout, body_timeout)
+    return protocol
+
+
+@functools.cache
+def _guarded_http() -> type:
+    import http
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttp(HttpToolsProtocol):  # type: ignore[misc]
+        # Deadlines, not timers: re-arming a timer three times per request cost more than the
+        # call itself (about 15% of the req/s of a small call). Each phase stores the loop time
+        # it must end by, and one sweep per server (see _sweep_soon) enforces them.
+        limits = (HEAD_LIMIT, HEAD_TIMEOUT, BODY_TIMEOUT)
+        _head = 0  # bytes of the request head received so far; -1 once it is complete
+        _reading = 0  # bytes of the read being parsed
+        _too_large = False
+        _phase = ""  # what the client owes: "head", "body", or "" (a call runs, or keep-alive)
+        _deadline = math.inf  # loop time by which it must have arrived
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(_CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
+            self._expect("head", self.limits[1])
+            _sweep_soon(self)
+
+        def data_received(self, data: bytes) -> None:
+            self._reading = len(data)
+            if self._head >= 0:
+                self._head += len(data)
+            super().data_received(data)
+            if (self._too_large or self._head > self.limits[0]) and not self.transport.is_closing():
+                self._refuse(431, "too_large", f"the request head is over {self.limits[0]} bytes")
+
+        def on_message_begin(self) -> None:
+            if self._too_large:
+                return
+            self._head = 0
+            self._expect("head", self.limits[1])
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            # A head that began in this read (the count was reset after it was added) is not
+            # counted above; it is at most this read, so only a longer read needs counting, exactly.
+            if self._head or self._reading > self.limits[0]:
+                size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+                self._too_large = self._too_large or size > self.limits[0]
+            if self._too_large:
+                return
+            self._head = -1
+            self._expect("body", self.limits[2])
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._too_large:
+                self._deadline = self.loop.time() + self.limits[2]
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self._too_large:
+                self._phase, self._deadline = "", math.inf
+                super().on_message_complete()
+
+        def _expect(self, phase: str, seconds: float) -> None:
+            self._phase, self._deadline = phase, self.loop.time() + seconds
+
+        def expired(self) -> None:
+            """The sweep found this connection's deadline passed."""
+            phase, self._phase, self._deadline = self._phase, "", math.inf
+            if self.transport.is_closing():
+                return
+            if phase == "head":
+                self._refuse(408, "timeout", f"the request head did not arrive within {self.limits[1]:g} s")
+            elif phase == "body":
+                log.info("closed a connection whose request body stalled for %g s", self.limits[2])
+                self.transport.close()
+
+        def _refuse(self, status: int, code: str, message: str) -> None:
+            body = error_body(code, message)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, http.HTTPStatus(status).phrase.encode(), len(body), body)
+            )
+            self.transport.close()
+            self._phase, self._deadline = "", math.inf
+
+    return GuardedHttp
+
+
+class _CorkedTransport:
+    """A socket transport that sends what one loop step wrote as one write.
+
+    uvicorn writes a response's head and its body separately: two system calls, two TCP
+    segments, and a client that wakes up twice to read one answer. Side by side under wrk on
+    loopback (two runs each, means), joining them took the gateway from 19.5k to 22.5k req/s
+    with security off and from 5.1k to 7.05k with STT1: the second wake-up cost more than the
+    whole security check.
+    Everything written in one loop step goes out at its end (or at once past CORK_LIMIT
+    bytes, or before a close), so a streamed response is delayed by one loop step at most.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+    CORK_LIMIT = 64 * 1024
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = bytes(data)
+            self._loop.call_soon(self.flush)
+        else:
+            self._held += data
+        if len(self._held) > self.CORK_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._held is not None:
+            data, self._held = self._held, None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self._transport.is_closing())
+
+    def __getattr__(self, name: str) -> Any:  # get_extra_info, pause_reading, set_protocol, ...
+        return getattr(self._transport, name)
+
+
+def _sweep_soon(protocol: Any) -> None:
+    """Check every open connection's deadline a few times per shortest limit (at most every
+    0.25 s), for as long as the server has connections: one timer per server, not per request."""
+    state = protocol.server_state
+    if getattr(state, "gateway_sweeping", False):
+        return
+    state.gateway_sweeping = True
+    loop = protocol.loop
+    every = min(1.0, *protocol.limits[1:]) / 4
+
+    def sweep() -> None:
+        now = loop.time()
+        for connection in list(state.connections):
+            if now >= getattr(connection, "_deadline", math.inf):
+                connection.expired()
+        if state.connections:
+            loop.call_later(every, sweep)
+        else:
+            state.gateway_sweeping = False
+
+    loop.call_later(every, sweep)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(_fail(f"cannot listen on {host}:{port}: {exc.strerror}")) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _fail(message: str) -> int:
+    print(f"gateway: {message}", file=sys.stderr)
+    return STARTUP_FAILURE
+
+
+def app_from_env() -> Gateway:
+    """The factory each worker process calls (``--workers N``): settings come from GATEWAY_*."""
+    settings = _settings(_parser().parse_args([]))
+    _configure_logging(settings.log_level)
+    app = create_app(settings.modules, settings=settings)
+    app.exit_grace = EXIT_GRACE
+    return app
+
+
+#### CLI
+
+_OPTIONS: list[tuple[str, type, str]] = [
+    ("host", str, "address to listen on"),
+    ("port", int, "port"),
+    ("modules", str, "modules folder"),
+    ("db", str, "keystore file (SQLite); its master key is <db>.key unless GATEWAY_MASTER_KEY is set"),
+    ("workers", int, "processes serving the port (needs --replay sqlite)"),
+    ("timeout", float, "seconds a call may take, unless its entry sets one"),
+    ("max_body", int, "largest request body in bytes, unless a function's entry sets max_body"),
+    ("rate", float, "calls per second per tenant and function, unless its entry sets rate (0: no limit)"),
+    ("max_result", int, "largest result in bytes, encoded; a bigger one is a 500"),
+    ("concurrency", int, "calls in progress (per process) before 503"),
+    ("log_level", str, "debug, info, warning or error"),
+    ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
+    ("public_url", str, "the origin clients call, bound into every token (default http://HOST:PORT)"),
+    ("replay", str, "replay store: memory (one process), sqlite (beside the db), sqlite:///path, redis://..."),
+    ("keystore", str, "redis://host:port/db: a keystore shared by several hosts (default: SQLite at --db)"),
+    ("rotate_days", float, "give credentials older than this a successor, in-band (0: never)"),
+]
+
+
+def _env_name(field: str) -> str:
+    return "GATEWAY_PACKAGE" if field == "packages" else f"GATEWAY_{field.upper()}"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway.py",
+        description="Serve every function listed in modules/*.py __all_exposed__ as POST /rest/<name>/.",
+        epilog="Every option can also be set as an environment variable GATEWAY_<OPTION>, e.g. GATEWAY_PORT=9000.",
+    )
+    defaults = Settings()
+    for name, kind, help_text in _OPTIONS:
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=os.environ.get(_env_name(name), getattr(defaults, name)),
+            help=f"{help_text} (%(default)s)",
+        )
+    parser.add_argument(
+        "--no-reload",
+        dest="reload",
+        action="store_false",
+        default=os.environ.get("GATEWAY_RELOAD", "1").lower() not in ("0", "false", "no", "off"),
+        help="do not watch the modules folder for changes (env GATEWAY_RELOAD=0)",
+    )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        default=os.environ.get("GATEWAY_METRICS", "0").lower() in ("1", "true", "yes", "on"),
+        help="serve GET /metrics in Prometheus text format (env GATEWAY_METRICS=1)",
+    )
+    parser.add_argument(
+        "--package",
+        action="append",
+        default=[p for p in os.environ.get("GATEWAY_PACKAGE", "").split(",") if p],
+        help="also expose this installed package's modules (repeatable)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{tenant,token}")
+    tenant = commands.add_parser("tenant", help="manage tenants and their credentials").add_subparsers(
+        dest="action", required=True
+    )
+    add = tenant.add_parser("add", help="a new tenant and its first credential file")
+    add.add_argument("name")
+    add.add_argument("--functions", help="comma-separated names it may call (default: all)")
+    add.add_argument("--out", help="credential file to write (default: NAME-credential.json)")
+    tenant.add_parser("list", help="tenants, credentials and their states (never secrets)")
+    tenant.add_parser("rotate", help="a pending successor key, delivered in-band").add_argument("name")
+    tenant.add_parser("revoke", help="retire a tenant's credentials, or one kid, now").add_argument("name_or_kid")
+    export = tenant.add_parser("export", help="another credential file for a new installation")
+    export.add_argument("name")
+    export.add_argument("--out", required=True)
+    tenant.add_parser("otp-enroll", help="an authenticator secret for functions flagged otp").add_argument("name")
+    token = commands.add_parser("token", help="print a curl command with a fresh token (valid 45 s, once)")
+    token.add_argument("--cred", required=True, help="credential file")
+    token.add_argument("method")
+    token.add_argument("path", help="path and query, e.g. /rest/add")
+    token.add_argument("--data", help="JSON body")
+    token.add_argument("--otp", help="authenticator code, for functions flagged otp")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    fields = {name: getattr(args, name) for name, _, _ in _OPTIONS}
+    return Settings(packages=tuple(args.package), reload=args.reload, metrics=args.metrics, **fields)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not access_log.handlers:  # its lines come already stamped, in batches (see AccessLog)
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.propagate = False
+
+
+def _credential(settings: Settings, kid: str, k: bytes, tid: str) -> Credential:
+    return Credential(stt=1, url=settings.audience, tid=tid, kid=kid, k=b64encode(k))
+
+
+def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        keystore = open_keystore(settings)
+    except (ValueError, OSError, sqlite3.Error) as exc:
+        return _fail(f"cannot open the keystore {settings.db}: {exc}")
+    try:
+        if args.action == "add":
+            functions = None if args.functions is None else [f for f in args.functions.split(",") if f]
+            kid, k = keystore.add_tenant(args.name, functions)
+            out = args.out or f"{args.name}-credential.json"
+            write_credential(out, _credential(settings, kid, k, args.name))
+            print(f"tenant {args.name}: credential {kid} written to {out} (mode 0600; keep it secret)")
+        elif args.action == "export":
+            kid, k = keystore.add_credential(args.name)
+            write_credential(args.out, _credential(settings, kid, k, args.name))
+            print(f"tenant {args.name}: new credential {kid} written to {args.out} (mode 0600)")
+        elif args.action == "list":
+            for row in keystore.rows():
+                print(
+                    f"{row['tid']:<20} {row['kid']}  {row['state']:<9} functions={row['functions'] or 'all'}"
+                    f"{'  otp' if row['otp'] else ''}"
+                )
+        elif args.action == "rotate":
+            made = keystore.rotate(args.name)
+            for tid, old, new in made:
+                print(f"tenant {tid}: {old} -> {new} (pending; clients adopt it on their next call)")
+            if not made:
+                print(f"tenant {args.name}: nothing to rotate (no active credential without a pending successor)")
+        elif args.action == "revoke":
+            print(f"{args.name_or_kid}: {keystore.revoke(args.name_or_kid)} credential(s) retired")
+        elif args.action == "otp-enroll":
+            import pyotp
+
+            secret = keystore.otp_enroll(args.name)
+            print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
+    except (ValueError, OSError) as exc:  # OSError: the shared keystore is unreachable
+        return _fail(str(exc))
+    except sqlite3.Error as exc:  # locked, read-only or full: the change was rolled back
+        return _fail(f"the keystore {settings.db} was not changed: {exc}")
+    finally:
+        keystore.close()
+    return 0
+
+
+def _token_command(args: argparse.Namespace) -> int:
+    import shlex
+
+    from security import sign_request
+
+    try:
+        credential = read_credential(args.cred)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot read the credential file: {exc}")
+    body = (args.data or "").encode()
+    content_type = b"application/json" if body else b""
+    token, _ = sign_request(
+        credential, args.method.upper(), args.path.encode(), content_type, body, time.time(), otp=args.otp
+    )
+    command = [
+        "curl",
+        "-sS",
+        "--path-as-is",
+        "-X",
+        args.method.upper(),
+        credential.url + args.path,
+        "-H",
+        f"Authorization: STT1 {token}",
+    ]
+    if body:
+        command += ["-H", "Content-Type: application/json", "--data-raw", args.data]
+    print(shlex.join(command))
+    return 0
+
+
+def _first_run(settings: Settings, keystore: Keystore) -> None:
+    """No keystore yet: make one with a demo tenant, and show how to call the gateway."""
+    kid, k = keystore.add_tenant("demo")
+    write_credential("demo-credential.json", _credential(settings, kid, k, "demo"))
+    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
+    body = '{"a": 1, "b": 2}'
+    print(
+        f"\nFirst run: created {settings.db} with the tenant 'demo'; its credential is demo-credential.json"
+        " (mode 0600: it is a secret).\nCall a function with the Python client:\n"
+        f"  {python} client.py --cred demo-credential.json add --json '{body}'\n"
+        "or with curl (a token is good for one call within 45 s):\n"
+        f"  eval \"$({python} gateway.py token --cred demo-credential.json POST /rest/add --data '{body}')\"\n"
+        f"or in a browser: open {settings.audience}/console and choose demo-credential.json\n",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    if args.command == "tenant":
+        return _tenant_command(args, settings)
+    if args.command == "token":
+        return _token_command(args)
+    if not Path(settings.modules).is_dir():
+        return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
+    for name in ("workers", "timeout", "max_body", "max_result", "concurrency"):
+        if getattr(settings, name) <= 0:
+            return _fail(f"--{name.replace('_', '-')} must be positive")
+    if settings.rate < 0:
+        return _fail("--rate must be 0 (no limit) or positive")
+    if settings.auth not in ("stt1", "off"):
+        return _fail("--auth must be stt1 or off")
+    if settings.auth == "stt1":
+        if settings.workers > 1 and settings.replay == "memory":
+            return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
+        first_run = not settings.keystore and not Path(settings.db).exists()
+        try:
+            security = build_security(settings)  # proves the keystore, its master key and the store work
+        except (ValueError, OSError, sqlite3.Error) as exc:
+            return _fail(str(exc))
+        if first_run:
+            _first_run(settings, security.keystore)
+    else:
+        security = None
+        log.warning("--auth off: /rest/ answers anyone who can reach %s", settings.audience)
+    origin = f"http://{settings.host}:{settings.port}"
+    if settings.workers == 1:
+        app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
+        app.exit_grace = EXIT_GRACE
+        log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
+        serve(app)
+        return 0
+    import uvicorn.supervisors
+
+    # Each worker builds its own app in a fresh process from GATEWAY_*: pass the settings on there.
+    for field in dataclasses.fields(Settings):
+        value = getattr(settings, field.name)
+        os.environ[_env_name(field.name)] = ",".join(value) if field.name == "packages" else str(value)
+    sock = _listen(settings.host, settings.port)
+    config = _uvicorn_config("gateway_app:app_from_env", settings, factory=True, workers=settings.workers)
+    log.info("serving %s on %s with %d workers", settings.modules, origin, settings.workers)
+    with contextlib.ExitStack() as cleanup:
+        if settings.metrics and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # The workers add up their numbers through files here (see Metrics); a fresh folder per run.
+            import tempfile
+
+            folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="gateway-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        uvicorn.supervisors.Multiprocess(config, sockets=[sock]).run()
+    return 0
