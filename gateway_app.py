@@ -603,8 +603,8 @@ class AccessLog:
 
 
 class Gateway:
-    """The ASGI app: ``/rest`` goes straight to the dispatcher (the hot path, pure ASGI);
-    everything else (health, OpenAPI) is a small Starlette app."""
+    """The ASGI app: ``/rest`` goes straight to the dispatcher (the hot path, pure ASGI), and so
+    do the lifespan and GET /healthz; everything else (OpenAPI, the console) is a small Starlette app."""
 
     def __init__(
         self,
@@ -613,11 +613,6 @@ class Gateway:
         security: Security | Callable[[ASGIApp], ASGIApp] | None = None,
         modules: str | os.PathLike[str] | None = None,
     ):
-        from starlette.applications import Starlette
-        from starlette.exceptions import HTTPException
-        from starlette.routing import Mount, Route
-        from starlette.staticfiles import StaticFiles
-
         self.settings = settings
         self.catalog = catalog  # replaced whole on every reload: one assignment, never edited
         self.modules = None if modules is None else Path(modules)
@@ -632,17 +627,32 @@ class Gateway:
         wrap = security.wrap if isinstance(security, Security) else security
         self.secured = wrap is not None  # /rest needs a token: what /openapi.json tells clients
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
-        self.site = Starlette(
-            routes=[
-                Route("/healthz", self._healthz),
-                Route("/openapi.json", self._openapi),
-                Route("/console", self._console),
-                *([Route("/metrics", self._metrics)] if self.metrics else []),
-                Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
-            ],
-            exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
-            lifespan=self._lifespan,
-        )
+        self._site: ASGIApp | None = None  # built on the first request that needs it: see site
+
+    @property
+    def site(self) -> ASGIApp:
+        """Starlette, for OpenAPI, the console, its files, metrics and every error outside /rest.
+
+        Built, and imported, on the first request that needs it, not at start: Starlette is about
+        1.3 MB of an idle process that only ever answers /rest and /healthz.
+        """
+        if self._site is None:
+            from starlette.applications import Starlette
+            from starlette.exceptions import HTTPException
+            from starlette.routing import Mount, Route
+            from starlette.staticfiles import StaticFiles
+
+            self._site = Starlette(
+                routes=[
+                    Route("/healthz", self._healthz),
+                    Route("/openapi.json", self._openapi),
+                    Route("/console", self._console),
+                    *([Route("/metrics", self._metrics)] if self.metrics else []),
+                    Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
+                ],
+                exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+            )
+        return self._site
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -655,6 +665,10 @@ class Gateway:
                 await self.rest(scope, receive, send)
             else:
                 await self.metrics.track(self.rest, scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._serve_lifespan(receive, send)
+        elif scope["type"] == "http" and path == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            await self._healthz_raw(scope, send)
         else:
             if scope["type"] == "http":
                 # Starlette answers a malformed or unsatisfiable Range on a file with a text/plain
@@ -663,8 +677,23 @@ class Gateway:
                 scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"range"]
             await self.site(scope, receive, send)
 
+    async def _serve_lifespan(self, receive: Receive, send: Send) -> None:
+        """The ASGI lifespan protocol around _lifespan, as Starlette's router runs it."""
+        await receive()  # lifespan.startup
+        started = False
+        try:
+            async with self._lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException as exc:
+            failed = "lifespan.shutdown.failed" if started else "lifespan.startup.failed"
+            await send({"type": failed, "message": repr(exc)})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
     @contextlib.asynccontextmanager
-    async def _lifespan(self, app: object) -> typing.AsyncIterator[None]:
+    async def _lifespan(self) -> typing.AsyncIterator[None]:
         tasks = []
         if self.security is not None and self.settings.rotate_days > 0:
             tasks.append(asyncio.create_task(self._rotate_by_policy(self.security.keystore)))
@@ -796,14 +825,30 @@ class Gateway:
             if fn.allows(caller)
         }
 
-    async def _healthz(self, request: Any) -> Any:
-        return _json_response(
+    def _health(self) -> bytes:
+        return msgspec.json.encode(
             {
                 "status": "ok",
                 "functions": len(self.catalog.functions),
                 "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
             }
         )
+
+    async def _healthz(self, request: Any) -> Any:
+        from starlette.responses import Response
+
+        return Response(self._health(), headers={"x-request-id": secrets.token_hex(8)}, media_type="application/json")
+
+    async def _healthz_raw(self, scope: Scope, send: Send) -> None:
+        """GET or HEAD /healthz without Starlette: probes poll it, and it is what a start waits for."""
+        body = self._health()
+        headers = [
+            (b"content-length", b"%d" % len(body)),
+            (b"content-type", _JSON),
+            (b"x-request-id", secrets.token_hex(8).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     async def _openapi(self, request: Any) -> Any:
         return _json_response(openapi(self.catalog, secured=self.secured))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -427,3 +430,45 @@ def test_reserve_takes_all_or_nothing_and_says_which(serve) -> None:  # type: ig
     short = gw.post("/rest/reserve", {"sku": "apple", "qty": 8}, headers=acme)  # a short stock is not a 500
     assert short.json()["results"] == {"sku": "apple", "reserved": 0, "left": 7}
     assert gw.post("/rest/stock_level/apple").json()["results"]["level"] == 7
+
+
+def test_starlette_is_built_only_when_a_request_needs_it(serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "e2e", auth="off"))
+    assert gw.post("/rest/add", {"a": 1, "b": 2}).json()["results"] == 3
+    health, head = gw.client.get("/healthz"), gw.client.head("/healthz")
+    assert (health.status_code, health.headers["content-type"]) == (200, "application/json")
+    assert health.json() == {"status": "ok", "functions": len(gw.app.catalog.functions), "refused": []}
+    assert (head.status_code, head.content, head.headers["content-length"]) == (200, b"", str(len(health.content)))
+    assert health.headers["x-request-id"] != head.headers["x-request-id"]
+    assert gw.app._site is None  # the lifespan, /rest and /healthz ran without it
+    assert error_of(gw.client.post("/healthz")) == (405, "method_not_allowed")
+    assert gw.app._site is not None and gw.client.get("/openapi.json").status_code == 200
+
+
+def test_the_lifespan_reports_start_and_stop_and_a_start_that_failed() -> None:
+    async def run(app: gateway.Gateway, sent: list[dict[str, str]], *incoming: str) -> None:
+        messages = iter([{"type": f"lifespan.{kind}"} for kind in incoming])
+
+        async def receive() -> dict[str, str]:
+            return next(messages)
+
+        async def send(message: dict[str, str]) -> None:
+            sent.append(message)
+
+        await app({"type": "lifespan"}, receive, send)  # type: ignore[arg-type]
+
+    app = gateway.create_app(FIXTURES / "e2e", auth="off")
+    sent: list[dict[str, str]] = []
+    asyncio.run(run(app, sent, "startup", "shutdown"))
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+
+    @contextlib.asynccontextmanager
+    async def broken() -> AsyncIterator[None]:
+        raise OSError("the watcher could not start")
+        yield
+
+    app._lifespan = broken  # type: ignore[method-assign]
+    sent.clear()
+    with pytest.raises(OSError):
+        asyncio.run(run(app, sent, "startup"))
+    assert sent == [{"type": "lifespan.startup.failed", "message": "OSError('the watcher could not start')"}]
