@@ -1213,15 +1213,38 @@ async def watch_modules(gateway: Gateway, root: Path) -> None:
 
     The watcher starts WATCH_DELAY after the app, so start-up serves sooner; files saved
     since the modules were loaded are found by their mtimes and reloaded then, so none is missed.
+    It is one thread blocked in watchfiles' synchronous watch, which hands each batch of changes
+    to the event loop and waits for it: awatch runs the same call through anyio's worker threads
+    and kept a thread more alive for the whole life of the process.
     """
     await asyncio.sleep(WATCH_DELAY)
-    watchfiles = await asyncio.to_thread(importlib.import_module, "watchfiles")
+    loop = asyncio.get_running_loop()
+    stop = threading.Event()
     resolved = root.resolve()
-    missed = {f.relative_to(resolved).parts for f in resolved.rglob("*.py") if f.stat().st_mtime >= gateway.loaded_at}
-    if missed:
-        await _reload(gateway, root, missed)
-    async for changes in watchfiles.awatch(resolved, debounce=50, step=20, recursive=True):
-        await _reload(gateway, root, {Path(path).relative_to(resolved).parts for _, path in changes})
+
+    def reload(parts: set[tuple[str, ...]]) -> None:
+        asyncio.run_coroutine_threadsafe(_reload(gateway, root, parts), loop).result()
+
+    def watch() -> None:
+        try:
+            import watchfiles
+
+            missed = {
+                f.relative_to(resolved).parts for f in resolved.rglob("*.py") if f.stat().st_mtime >= gateway.loaded_at
+            }
+            if missed:
+                reload(missed)
+            for changes in watchfiles.watch(resolved, debounce=50, step=20, stop_event=stop, recursive=True):
+                reload({Path(path).relative_to(resolved).parts for _, path in changes})
+        except Exception:
+            if not stop.is_set():
+                log.exception("live reload stopped")
+
+    threading.Thread(target=watch, name="gateway-watcher", daemon=True).start()
+    try:
+        await asyncio.Event().wait()  # until the lifespan cancels this task at shutdown
+    finally:
+        stop.set()  # watch() sees it within a step (20 ms)
 
 
 async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> None:
