@@ -485,24 +485,29 @@ class ColdStart:
         return statistics.median(self.seconds)
 
 
-def cold_start(stack: Stack, samples: int, modules: str | None = None) -> ColdStart:
-    """Spawn to first 200 on /healthz, ``samples`` times; idle RSS 1 s after the last start."""
-    seconds: list[float] = []
-    idle = 0.0
-    functions = None
+def cold_starts(stacks: list[Stack], samples: int, modules: str | None = None) -> dict[str, ColdStart]:
+    """Spawn to first 200 on /healthz, ``samples`` times per stack; idle RSS 1 s after the last start.
+
+    The stacks take turns, in alternating order like the load rounds: a slow moment of a shared
+    machine then falls on every stack alike instead of on whichever was being started.
+    """
+    seconds: dict[str, list[float]] = {stack.key: [] for stack in stacks}
+    idle: dict[str, float] = {}
+    functions: dict[str, int] = {}
     for i in range(samples):
-        port = free_port()
-        require_available(stack, f"http://{HOST}:{port}")
-        command = _gateway(*GATEWAY_SECURITY_OFF_ARGS, modules=modules)(port) if modules else None
-        with running(stack, port, command) as (server, elapsed):
-            seconds.append(elapsed)
-            if modules:
-                functions = healthz_functions(port)
-            if i == samples - 1:
-                time.sleep(1.0)
-                idle = rss_mb(serving_pid(server))
-        time.sleep(0.3)
-    return ColdStart(seconds, idle, functions)
+        for stack in stacks if i % 2 == 0 else stacks[::-1]:
+            port = free_port()
+            require_available(stack, f"http://{HOST}:{port}")
+            command = _gateway(*GATEWAY_SECURITY_OFF_ARGS, modules=modules)(port) if modules else None
+            with running(stack, port, command) as (server, elapsed):
+                seconds[stack.key].append(elapsed)
+                if modules:
+                    functions[stack.key] = healthz_functions(port)
+                if i == samples - 1:
+                    time.sleep(1.0)
+                    idle[stack.key] = rss_mb(serving_pid(server))
+            time.sleep(0.3)
+    return {key: ColdStart(seconds[key], idle[key], functions.get(key)) for key in seconds}
 
 
 def healthz_functions(port: int) -> int:
@@ -843,7 +848,8 @@ class Report:
             "- **errors**: non-2xx answers plus socket errors (and, for STT1, tokens that ran out); must be 0.",
             "- **RSS after run**: VmRSS of the serving process right after the measured run; **idle RSS**: 1 s "
             "after a fresh start that answered one /healthz; **cold start**: spawn to the first 200 from "
-            f"`GET /healthz`, median of {o.samples}; bytecode is cached in `bench/out/pycache` "
+            f"`GET /healthz`, median of {o.samples}, the stacks starting in turns; bytecode is cached in "
+            "`bench/out/pycache` "
             "(the first start of new code compiles it).",
             "- The gateway runs at its defaults except `--port`: log level `info` with its per-request access log "
             "ON (batched); every peer runs with its access log off and log level `warning`.",
@@ -877,7 +883,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each measured run (10)")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up before each run (3)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
-    parser.add_argument("--samples", type=int, default=3, help="cold starts per stack, median reported (3)")
+    parser.add_argument("--samples", type=int, default=5, help="cold starts per stack, median reported (5)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -936,23 +942,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
     unavailable: dict[str, str] = {}
-    starts: dict[str, ColdStart] = {}
     for stack in selected:
         try:
-            starts[stack.key] = cold_start(stack, opts.samples)
+            require_available(stack, f"http://{HOST}:{free_port()}")
         except NotAvailable as exc:
             unavailable[stack.key] = "not available yet"
             say(f"cold start {stack.key}: not available yet ({exc})")
-            continue
-        cold = starts[stack.key]
-        say(f"cold start {stack.key}: {cold.median * 1000:.0f} ms, idle RSS {cold.idle_rss_mb:.1f} MB")
+    starts = cold_starts([s for s in selected if s.key not in unavailable], opts.samples)
+    for key, cold in starts.items():
+        say(f"cold start {key}: {cold.median * 1000:.0f} ms, idle RSS {cold.idle_rss_mb:.1f} MB")
 
     module_starts: dict[int, ColdStart] = {}
     if any(s.key.startswith("gateway") for s in selected):
         for count in (1, 100, 1000):
             with tempfile.TemporaryDirectory(prefix="gateway-bench-modules-") as folder:
                 generate_modules(Path(folder), count)
-                module_starts[count] = cold_start(BY_KEY["gateway_off"], opts.samples, modules=folder)
+                module_starts[count] = cold_starts([BY_KEY["gateway_off"]], opts.samples, modules=folder)["gateway_off"]
             say(f"cold start with {count:,} generated modules: {module_starts[count].median * 1000:.0f} ms")
 
     runs: dict[str, list[Run]] = {stack.key: [] for stack in selected}
