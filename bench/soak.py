@@ -99,6 +99,7 @@ class Sample:
     now: float
     entries: int
     rss_mb: float
+    store_bytes: int = 0  # the replay store's own memory: see _store_bytes
 
 
 @dataclasses.dataclass
@@ -222,10 +223,21 @@ def _report(store: security.MemoryReplayStore, clock: Clock, path: Path) -> None
         while True:
             at = time.time()  # then the count, then the clock: see Sample
             entries = len(store)
-            sample = Sample(at, clock(), entries, run.rss_mb(os.getpid()))
+            sample = Sample(at, clock(), entries, run.rss_mb(os.getpid()), _store_bytes(store))
             out.write(json.dumps(dataclasses.asdict(sample)) + "\n")
             out.flush()
             time.sleep(REPORT_EVERY)
+
+
+def _store_bytes(store: security.MemoryReplayStore) -> int:
+    """The memory the store's own structures hold: its set's table, one bytes object per key (every
+    key is cut to 16 bytes: 49 bytes, 64 with the allocator's 16-byte rounding) and the expiry
+    buckets' dict and lists. Under the store's lock, so that no insert moves them meanwhile."""
+    key_bytes = (sys.getsizeof(bytes(16)) + 15) // 16 * 16
+    with store._lock:
+        buckets = list(store._buckets.values())
+        held = sys.getsizeof(store._seen) + len(store._seen) * key_bytes + sys.getsizeof(store._buckets)
+        return held + sum(sys.getsizeof(bucket) for bucket in buckets)
 
 
 def read_samples(path: Path) -> list[Sample]:
@@ -441,15 +453,34 @@ def report(
         *verdict.lines(),
         *([f"- first error: {load.first_error}"] if load.first_error else []),
         f"- RSS before the load: {samples[0].rss_mb:.1f} MB",
+        *_per_entry(samples, verdict),
         "",
         f"Samples{'' if step == 1 else f' (one in {step})'}; t and the server's clock from the start of the load.",
         "",
-        "| t (s) | server clock (s) | replay store (jtis) | RSS (MB) |",
-        "|--:|--:|--:|--:|",
-        *[f"| {s.at - load_start:.0f} | {s.now - zero:.0f} | {s.entries:,} | {s.rss_mb:.1f} |" for s in shown],
+        "| t (s) | server clock (s) | replay store (jtis) | replay store (MB) | RSS (MB) |",
+        "|--:|--:|--:|--:|--:|",
+        *[
+            f"| {s.at - load_start:.0f} | {s.now - zero:.0f} | {s.entries:,} | {s.store_bytes / 1e6:.1f} "
+            f"| {s.rss_mb:.1f} |"
+            for s in shown
+        ],
         "",
     ]
     return "\n".join(lines)
+
+
+def _per_entry(samples: Sequence[Sample], verdict: Verdict) -> list[str]:
+    """Bytes per remembered jti: the store's own (at its fullest sample), and all the RSS the load
+    added by the end of the warm-up over the jtis held then (an upper bound: everything counts)."""
+    fullest = max(samples, key=lambda s: s.entries)
+    if not fullest.entries:
+        return []
+    added = (verdict.warmup_rss - samples[0].rss_mb) * 1e6 / max(verdict.warmup_entries, 1)
+    return [
+        f"- replay store memory: {fullest.store_bytes / fullest.entries:.0f} bytes per jti "
+        f"({fullest.store_bytes / 1e6:.1f} MB for {fullest.entries:,} jtis: set table, 16-byte keys, expiry "
+        f"buckets); the RSS the load added by the end of the warm-up is {added:.0f} bytes per jti held then",
+    ]
 
 
 def _parser() -> argparse.ArgumentParser:

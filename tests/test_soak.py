@@ -18,6 +18,7 @@ README. What this one proves, and what it does not:
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,6 @@ def test_a_short_soak_passes_and_its_replay_store_stays_bounded(tmp_path: Path) 
     # It was a load, not a trickle, and the store really filled to a window of it.
     assert verdict["requests"] >= 200 * verdict["seconds"], report
     assert 0.5 * verdict["max_allowed"] <= verdict["max_entries"] <= verdict["max_allowed"], report
+    # Bytes per remembered jti: at least its 16-byte key object (64 bytes allocated), and bounded.
+    per_jti = re.search(r"replay store memory: (\d+) bytes per jti", report)
+    assert per_jti is not None and 64 <= int(per_jti.group(1)) <= 400, report
