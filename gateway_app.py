@@ -825,23 +825,21 @@ class Gateway:
             if fn.allows(caller)
         }
 
-    def _health(self) -> bytes:
-        return msgspec.json.encode(
-            {
-                "status": "ok",
-                "functions": len(self.catalog.functions),
-                "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
-            }
-        )
+    def _health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "functions": len(self.catalog.functions),
+            "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
+        }
 
     async def _healthz(self, request: Any) -> Any:
-        from starlette.responses import Response
-
-        return Response(self._health(), headers={"x-request-id": secrets.token_hex(8)}, media_type="application/json")
+        # __call__ answers GET and HEAD itself, so Starlette never calls this: its route is there
+        # so that other methods get the JSON 405, not a 404.
+        return _json_response(self._health())
 
     async def _healthz_raw(self, scope: Scope, send: Send) -> None:
         """GET or HEAD /healthz without Starlette: probes poll it, and it is what a start waits for."""
-        body = self._health()
+        body = msgspec.json.encode(self._health())
         headers = [
             (b"content-length", b"%d" % len(body)),
             (b"content-type", _JSON),
