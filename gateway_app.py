@@ -48,6 +48,7 @@ from security import (
     Credential,
     Keystore,
     KeystoreUnavailable,
+    OtpLocked,
     RedisKeystore,
     Security,
     b64encode,
@@ -807,6 +808,14 @@ class Gateway:
             except KeystoreUnavailable as exc:
                 log.error("request %s: %s", scope[REQUEST_ID_KEY].decode(), exc)
                 raise GatewayError(503, "overloaded", "key store unavailable") from None
+            except OtpLocked as exc:  # the caller holds K, so saying why costs nothing and helps the owner
+                wait = math.ceil(exc.retry_after)
+                raise GatewayError(
+                    429,
+                    "throttled",
+                    f"too many wrong authenticator codes; retry in {wait} s",
+                    ((b"retry-after", str(wait).encode()),),
+                ) from None
             if not passed:
                 raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
         kwargs = bind(fn, body, var1, func_name)
@@ -1011,7 +1020,8 @@ _ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
     429: (
         "TooManyRequests",
         ("throttled", "rate_limited"),
-        "too many failed calls from this address or for this tenant, or over the function's rate",
+        "too many failed calls from this address or for this tenant, too many wrong authenticator codes,"
+        " or over the function's rate",
     ),
     431: ("HeadTooLarge", ("too_large",), "the request line and headers are too large; the connection is closed"),
     500: ("InternalError", ("internal_error",), "the function raised, or its result cannot be sent"),

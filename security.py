@@ -745,7 +745,63 @@ CREATE TABLE IF NOT EXISTS credentials (
     retire_at INTEGER                    -- for a retiring credential: end of its grace period
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_pending_per_credential ON credentials(parent) WHERE state = 'pending';
+CREATE TABLE IF NOT EXISTS otp_failures (  -- only tenants with wrong codes in a row (see OtpLocked)
+    tid TEXT PRIMARY KEY REFERENCES tenants(tid) ON DELETE CASCADE,
+    failures INTEGER NOT NULL,
+    locked_until REAL NOT NULL           -- no code is checked before this time
+);
 """
+
+# RFC 6238 leaves guessing to RFC 4226 7.3: the server must detect and stop it. Six digits with one
+# step of drift either way give a guess 3 chances in 10^6: unthrottled, whoever steals K could
+# find a code in under a minute at this gateway's request rate, and the second factor would be
+# worth nothing. So the OTP_LOCK_AFTER-th wrong code in a row locks the tenant's authenticator
+# for OTP_LOCK_SECONDS, each further one for twice as long as the last, up to a day; while it is
+# locked no code is checked at all, and a right code clears the count. That leaves a thief
+# about 15 guesses in the first day and one a day after. The count lives in the keystore, so
+# every worker and host shares it and a restart does not reset it. Only a caller holding the
+# tenant's K can send a code at all, so no one else can lock a tenant out.
+OTP_LOCK_AFTER = 5
+OTP_LOCK_SECONDS = 60
+OTP_MAX_LOCK_SECONDS = 86400
+
+
+class OtpLocked(Exception):
+    """Too many wrong authenticator codes in a row: no code is checked for ``retry_after`` s."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"authenticator locked for {retry_after:.0f} s after too many wrong codes")
+        self.retry_after = retry_after
+
+
+def _otp_locked_until(tid: str, failures: int, now: float) -> float:
+    """When the authenticator may be tried again after ``failures`` wrong codes in a row.
+
+    Each lock is logged once, when it starts: the attempts it refuses are not, so a caller
+    hammering a locked authenticator cannot flood the log.
+    """
+    over = failures - OTP_LOCK_AFTER
+    if over < 0:
+        return 0.0
+    seconds = min(OTP_MAX_LOCK_SECONDS, OTP_LOCK_SECONDS << min(over, 16))
+    log.warning("ALERT tenant %s: %d wrong authenticator codes in a row; locked for %d s", tid, failures, seconds)
+    return now + seconds
+
+
+def _otp_timecode(secret: str, code: str, now: float) -> int | None:
+    """The TOTP timecode ``code`` belongs to, with one step of drift either way, or None.
+
+    Every candidate is compared, in constant time, so the time taken says nothing either.
+    """
+    import pyotp
+
+    totp = pyotp.TOTP(secret)
+    current = totp.timecode(now)
+    matched = None
+    for timecode in (current - 1, current, current + 1):
+        if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()) and matched is None:
+            matched = timecode
+    return matched
 
 
 def load_master_key(db_path: str | os.PathLike[str]) -> bytes:
@@ -982,30 +1038,40 @@ class Keystore:
                 "UPDATE tenants SET otp_secret = ?, otp_last = -1 WHERE tid = ?",
                 (self._seal("otp", tid, secret.encode()), tid),
             )
+            db.execute("DELETE FROM otp_failures WHERE tid = ?", (tid,))  # a new authenticator starts unlocked
         return secret
 
     def check_otp(self, tid: str, code: str, now: float) -> bool:
         """RFC 6238 with one step of drift either way; a timecode at or below the last accepted
-        one is refused (5.2), atomically, so two workers cannot both accept one code."""
-        import pyotp
-
+        one is refused (5.2), and wrong codes lock the authenticator (OtpLocked). One
+        transaction, so two workers can neither both accept one code nor both miss a failure."""
+        read = "SELECT otp_secret, failures, locked_until FROM tenants LEFT JOIN otp_failures USING (tid) WHERE tid = ?"
         with self._lock:
-            row = self._db.execute("SELECT otp_secret FROM tenants WHERE tid = ?", (tid,)).fetchone()
+            row = self._db.execute(read, (tid,)).fetchone()
         if row is None or row[0] is None:
-            return False
-        totp = pyotp.TOTP(self._open("otp", tid, row[0]).decode())
-        current = totp.timecode(now)
-        for timecode in (current - 1, current, current + 1):
-            if hmac.compare_digest(totp.generate_otp(timecode).encode(), code.encode()):
-                try:
-                    with self._transaction(REQUEST_WAIT) as db:
-                        updated = db.execute(
-                            "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
-                        ).rowcount
-                except sqlite3.Error as exc:  # a code not recorded as used could be used twice: fail closed
-                    raise KeystoreUnavailable(f"keystore: cannot record the authenticator code: {exc}") from None
-                return updated == 1
-        return False
+            return False  # not enrolled: there is no code to guess
+        if row[2] is not None and now < row[2]:  # locked: refused without taking the write lock
+            raise OtpLocked(row[2] - now)
+        secret = self._open("otp", tid, row[0]).decode()
+        try:
+            with self._transaction(REQUEST_WAIT) as db:
+                _, failures, locked_until = db.execute(read, (tid,)).fetchone()  # again, now nobody else writes
+                failures, locked_until = failures or 0, locked_until or 0.0
+                if now < locked_until:
+                    raise OtpLocked(locked_until - now)  # nothing written: the transaction rolls back
+                timecode = _otp_timecode(secret, code, now)
+                if timecode is not None and db.execute(
+                    "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
+                ).rowcount:
+                    db.execute("DELETE FROM otp_failures WHERE tid = ?", (tid,))
+                    return True
+                db.execute(  # wrong, or a code used already: both count
+                    "INSERT OR REPLACE INTO otp_failures (tid, failures, locked_until) VALUES (?, ?, ?)",
+                    (tid, failures + 1, _otp_locked_until(tid, failures + 1, now)),
+                )
+                return False
+        except sqlite3.Error as exc:  # a used code or a failure left unrecorded: fail closed
+            raise KeystoreUnavailable(f"keystore: cannot record the authenticator code: {exc}") from None
 
     def rows(self) -> list[dict[str, Any]]:
         """Credentials for ``tenant list``: ids, states and dates, never secrets."""
@@ -1239,32 +1305,31 @@ class RedisKeystore(Keystore):
         def edit(doc: dict[str, Any]) -> None:
             tenant = self._tenant(doc, tid)
             tenant.update(otp=b64encode(self._seal("otp", tid, secret.encode())), otp_last=-1)
+            tenant.pop("otp_failures", None)  # a new authenticator starts unlocked
+            tenant.pop("otp_locked_until", None)
 
         self._change(edit)
         return secret
 
     def check_otp(self, tid: str, code: str, now: float) -> bool:
-        import pyotp
-
         tenant = self._reading()["tenants"].get(tid)
         if tenant is None or tenant["otp"] is None:
-            return False
-        totp = pyotp.TOTP(self._open("otp", tid, b64decode(tenant["otp"])).decode())
-        current = totp.timecode(now)
-        matched = [
-            t
-            for t in (current - 1, current, current + 1)
-            if hmac.compare_digest(totp.generate_otp(t).encode(), code.encode())
-        ]
-        if not matched:
-            return False
+            return False  # not enrolled: there is no code to guess
+        if now < tenant.get("otp_locked_until", 0.0):  # locked: refused without a write
+            raise OtpLocked(tenant["otp_locked_until"] - now)
+        timecode = _otp_timecode(self._open("otp", tid, b64decode(tenant["otp"])).decode(), code, now)
 
         def edit(doc: dict[str, Any]) -> bool:
             entry = self._tenant(doc, tid)
-            if entry["otp_last"] >= matched[0]:
-                return False  # this code (or a newer one) was used already, maybe on another host
-            entry["otp_last"] = matched[0]
-            return True
+            locked_until = entry.get("otp_locked_until", 0.0)
+            if now < locked_until:
+                raise OtpLocked(locked_until - now)  # nothing written
+            if timecode is not None and entry["otp_last"] < timecode:  # else used already, maybe on another host
+                entry.update(otp_last=timecode, otp_failures=0, otp_locked_until=0.0)
+                return True
+            failures = entry.get("otp_failures", 0) + 1
+            entry.update(otp_failures=failures, otp_locked_until=_otp_locked_until(tid, failures, now))
+            return False
 
         return self._change(edit)  # type: ignore[no-any-return]
 

@@ -15,9 +15,22 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyotp
 import pytest
 import redis
-from test_security import AUD, BODY, JSON, T0, Clock, Cred, Stack, mint_request, replay_refused, response_claims
+from test_security import (
+    AUD,
+    BODY,
+    JSON,
+    T0,
+    Clock,
+    Cred,
+    Stack,
+    mint_request,
+    replay_refused,
+    response_claims,
+    wrong_code,
+)
 
 import gateway_app as gateway
 import security as s
@@ -178,6 +191,27 @@ def test_both_keystores_keep_the_same_rules(keystores) -> None:  # type: ignore[
 
     code = pyotp.TOTP(secret).at(clock.now)
     assert one.check_otp("acme", code, clock.now) and not other.check_otp("acme", code, clock.now)
+
+
+def test_both_keystores_share_the_otp_lock_between_hosts(keystores) -> None:  # type: ignore[no-untyped-def]
+    one, other, clock = keystores
+    one.add_tenant("acme")
+    totp = pyotp.TOTP(one.otp_enroll("acme"))
+    for keystore in [one, other] * 2 + [one]:  # wrong codes spread over two hosts all count
+        assert not keystore.check_otp("acme", wrong_code(totp, clock.now), clock.now)
+    for keystore in (one, other):
+        with pytest.raises(s.OtpLocked):
+            keystore.check_otp("acme", totp.at(clock.now), clock.now)
+    clock.now += s.OTP_LOCK_SECONDS
+    assert other.check_otp("acme", totp.at(clock.now), clock.now)
+    assert not one.check_otp("acme", totp.at(clock.now), clock.now)  # used on the other host: a failure
+    for _ in range(s.OTP_LOCK_AFTER - 1):
+        assert not other.check_otp("acme", wrong_code(totp, clock.now), clock.now)
+    with pytest.raises(s.OtpLocked):  # the right code had cleared the count, this is the fifth again
+        one.check_otp("acme", totp.at(clock.now), clock.now)
+    totp = pyotp.TOTP(other.otp_enroll("acme"))  # re-enrolling unlocks
+    clock.now += 30
+    assert one.check_otp("acme", totp.at(clock.now), clock.now)
 
 
 def test_the_redis_keystore_holds_no_secret_in_clear(redis_server: RedisServer) -> None:

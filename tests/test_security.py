@@ -607,6 +607,90 @@ def test_a_function_flagged_otp_needs_a_fresh_code(stack: Stack) -> None:
     assert stack.call(target=target, body=b"", otp=wrong).status == 401
 
 
+def wrong_code(totp: pyotp.TOTP, now: float) -> str:
+    """A six-digit code that is none of the three the gateway accepts at ``now``."""
+    valid = {totp.at(now + drift) for drift in (-30, 0, 30)}
+    return next(code for code in ("000000", "111111", "222222", "333333") if code not in valid)
+
+
+def test_wrong_authenticator_codes_lock_the_second_factor_for_longer_each_time(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    totp = pyotp.TOTP(stack.keystore.otp_enroll("acme"))
+    stack.clock.now += 1.5
+
+    def call(code: str) -> Answer:
+        return stack.call(target="/rest/guarded", body=b"", otp=code)
+
+    def alerts() -> list[str]:
+        return [r.message for r in caplog.records if r.name == "gateway.security" and "ALERT" in r.message]
+
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        for _ in range(s.OTP_LOCK_AFTER):
+            assert call(wrong_code(totp, stack.clock.now)).status == 401
+        for _ in range(3):
+            locked = call(totp.at(stack.clock.now))  # the right code: not even checked while locked
+    assert len(alerts()) == 1  # the lock, once, when it began; the calls it refuses are not logged
+    assert locked.status == 429 and locked.header("retry-after") == "60", locked.body
+    assert json.loads(locked.body)["error"]["code"] == "throttled"
+    response_claims(stack, locked)  # after step 7: signed like any answer to a verified token
+    assert stack.call(target="/rest/add").status == 200  # only the second factor is locked
+    stack.clock.now += 59
+    assert call(totp.at(stack.clock.now)).header("retry-after") == "1"
+    stack.clock.now += 1
+    assert call(wrong_code(totp, stack.clock.now)).status == 401  # the lock is over, the count is not
+    assert call(totp.at(stack.clock.now)).header("retry-after") == "120"  # twice as long
+    stack.clock.now += 120
+    assert call(totp.at(stack.clock.now)).status == 200
+    for _ in range(s.OTP_LOCK_AFTER - 1):  # a right code cleared the count
+        assert call(wrong_code(totp, stack.clock.now)).status == 401
+    stack.clock.now += 30
+    assert call(totp.at(stack.clock.now)).status == 200
+
+
+def test_a_reused_code_counts_as_a_wrong_one_and_re_enrolling_unlocks(stack: Stack) -> None:
+    totp = pyotp.TOTP(stack.keystore.otp_enroll("acme"))
+    stack.clock.now += 1.5
+    code = totp.at(stack.clock.now)
+    assert stack.call(target="/rest/guarded", body=b"", otp=code).status == 200
+    for _ in range(s.OTP_LOCK_AFTER):  # someone who saw the code replays it
+        assert stack.call(target="/rest/guarded", body=b"", otp=code).status == 401
+    assert stack.call(target="/rest/guarded", body=b"", otp=code).status == 429
+    totp = pyotp.TOTP(stack.keystore.otp_enroll("acme"))  # the owner's way out: a new authenticator
+    stack.clock.now += 1.5
+    assert stack.call(target="/rest/guarded", body=b"", otp=totp.at(stack.clock.now)).status == 200
+
+
+def test_the_otp_lock_survives_a_restart(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    keystore = s.Keystore(tmp_path / "gw.db", master_key=bytes(32), clock=clock)
+    keystore.add_tenant("acme")
+    totp = pyotp.TOTP(keystore.otp_enroll("acme"))
+    for _ in range(s.OTP_LOCK_AFTER):
+        assert not keystore.check_otp("acme", wrong_code(totp, clock.now), clock.now)
+    keystore.close()
+    restarted = s.Keystore(tmp_path / "gw.db", master_key=bytes(32), clock=clock)
+    with pytest.raises(s.OtpLocked) as locked:
+        restarted.check_otp("acme", totp.at(clock.now), clock.now)
+    assert locked.value.retry_after == s.OTP_LOCK_SECONDS
+    writer = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a locked authenticator is refused without the write lock
+    with pytest.raises(s.OtpLocked):
+        restarted.check_otp("acme", totp.at(clock.now), clock.now)
+    writer.execute("ROLLBACK")
+    clock.now += s.OTP_LOCK_SECONDS
+    assert restarted.check_otp("acme", totp.at(clock.now), clock.now)
+
+
+def test_the_otp_lock_doubles_up_to_a_day_and_each_lock_is_logged_once(caplog) -> None:  # type: ignore[no-untyped-def]
+    now = 1000.0
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        assert [s._otp_locked_until("acme", n, now) for n in range(s.OTP_LOCK_AFTER)] == [0.0] * s.OTP_LOCK_AFTER
+        assert caplog.records == []
+        waits = [s._otp_locked_until("acme", n, now) - now for n in range(s.OTP_LOCK_AFTER, s.OTP_LOCK_AFTER + 14)]
+    assert waits[:4] == [60, 120, 240, 480] and max(waits) == waits[-1] == s.OTP_MAX_LOCK_SECONDS == 86400
+    assert len(caplog.records) == 14 and "ALERT tenant acme: 5 wrong authenticator codes" in caplog.records[0].message
+    assert s._otp_locked_until("acme", 10**9, now) - now == 86400  # no overflow for an absurd count
+
+
 def test_a_tenant_without_an_authenticator_cannot_call_an_otp_function(stack: Stack) -> None:
     assert stack.call(stack.globex, target="/rest/guarded", body=b"", otp="123456").status == 404  # not allowed
     assert stack.call(target="/rest/guarded", body=b"", otp="123456").status == 401
