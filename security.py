@@ -1642,8 +1642,12 @@ FAILURE_REASONS = (
 class Throttle:
     """Counts failures per client address and per claimed tenant in fixed windows.
 
-    Per tenant as PROTOCOL.md 3 asks, with a higher limit than per address: the tenant in a
-    refused token is unauthenticated, so a low limit would let anyone lock a tenant out.
+    An address over its limit is refused outright, before its token is read. A tenant over
+    its limit is not: only its failures are answered 429 instead of 401 (PROTOCOL.md 3 throttles
+    "repeated failures"). The tenant in a refused token is unauthenticated, and anyone can read
+    it in a token's footer, so refusing the tenant's valid calls too would let anyone with a few
+    addresses lock it out, while it would not slow down guessing K (256 bits) in any way that
+    matters.
     """
 
     def __init__(self, per_address: int = 30, per_tenant: int = 300, window: int = 60) -> None:
@@ -1714,8 +1718,6 @@ class Security:
             tid = footer.tid
             if footer.direction != "c2s":
                 raise _Refused("direction", "s2c token sent as a request")
-            if self.throttle.blocked("tid", tid, now):
-                return await self._throttled(send, request_id)
             if abs(now - footer.iat) > MAX_SKEW:  # 3
                 raise _Refused("clock", f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
             if footer.iat < self.min_iat:
@@ -1800,6 +1802,8 @@ class Security:
     ) -> None:
         self.throttle.fail("addr", address, now)
         if tid is not None:
+            if self.throttle.blocked("tid", tid, now):
+                return await self._throttled(send, request_id)
             self.throttle.fail("tid", tid, now)
         self._failed(reason)
         self._log(request_id, f"{detail} (tenant {tid or '-'}, address {address})")

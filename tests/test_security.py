@@ -719,8 +719,22 @@ def test_repeated_failures_for_one_tenant_are_throttled(tmp_path: Path, serve) -
     stack = make_stack(tmp_path, serve, throttle=s.Throttle(per_address=1000, per_tenant=3))
     for _ in range(3):
         refused(stack, stack.call(aud="https://elsewhere.test"))
-    assert stack.call().status == 429
-    assert stack.call(stack.globex).status == 200
+    throttled = stack.call(aud="https://elsewhere.test")
+    assert throttled.status == 429 and throttled.header("retry-after") == "60"
+    assert throttled.header("stt1-response") is None  # refused before any token is verified
+    assert stack.call(stack.globex, aud="https://elsewhere.test").status == 401  # another tenant's count
+    stack.clock.now += 60
+    refused(stack, stack.call(aud="https://elsewhere.test"))  # a new window
+
+
+def test_nobody_can_lock_a_tenant_out_by_sending_bad_tokens_in_its_name(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve, throttle=s.Throttle(per_address=1000, per_tenant=3))
+    forged = stack.call(cred=Cred("acme", stack.acme.kid, os.urandom(32)))  # the tid is in every footer
+    refused(stack, forged)
+    for _ in range(5):
+        stack.call(cred=Cred("acme", stack.acme.kid, os.urandom(32)))
+    assert stack.call(cred=Cred("acme", stack.acme.kid, os.urandom(32))).status == 429
+    assert stack.call().status == 200  # the tenant's own calls verify, and go through
 
 
 def test_refusal_logs_are_rate_limited(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
