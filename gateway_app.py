@@ -1011,7 +1011,7 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
 # Every error a function's endpoint can answer: (name in components.responses, codes, when).
 _ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
     400: ("BadJson", ("bad_json",), "the body is not a JSON object"),
-    401: ("Unauthorized", ("unauthorized",), "any token failure, or a missing or reused second factor"),
+    401: ("Unauthorized", ("unauthorized",), "any token failure, or a missing, wrong or reused second factor"),
     404: ("NotFound", ("not_found",), "no such function, or one this tenant may not call"),
     408: ("RequestTimeout", ("timeout",), "the request line and headers were too slow; the connection is closed"),
     413: ("TooLarge", ("too_large",), "the body is over the largest limit (unread), or over the function's"),
