@@ -1741,6 +1741,14 @@ class Security:
             body = await _read_body(receive, max_body)
             if body is None:
                 return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
+            # The body may have been held back for as long as the client liked: steps 3 and 4
+            # again, at the time of the replay check. Otherwise a used token could arrive in
+            # time, send its body once its jti (kept until iat + 50) is forgotten, and run twice.
+            now = self.clock()
+            if abs(now - footer.iat) > MAX_SKEW:
+                raise _Refused("clock", f"iat {footer.iat} is {now - footer.iat:+.0f} s from now, after the body")
+            if not key.usable(now):
+                raise _Refused("unknown_kid", "kid retired or expired while the body was read")
             target = scope.get("raw_path") or scope["path"].encode()
             if scope.get("query_string"):
                 target += b"?" + scope["query_string"]

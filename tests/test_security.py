@@ -419,6 +419,46 @@ def test_the_same_token_twice_is_refused(stack: Stack) -> None:
     not_run(stack, before)
 
 
+class JumpingClock(Clock):
+    """Gives ``now`` once more, then jumps to ``jump_to``: the server reads the time first when a
+    request's headers are in, so every later reading is the time after its body."""
+
+    jump_to: float | None = None
+
+    def __call__(self) -> float:
+        now = self.now
+        if self.jump_to is not None:
+            self.now, self.jump_to = self.jump_to, None
+        return now
+
+
+def test_a_used_token_is_refused_however_late_its_body_arrives(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    clock = JumpingClock(T0)
+    stack = make_stack(tmp_path, serve, clock=clock)
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    assert stack.with_token(token).status == 200
+    before = stack.calls["add"]
+    clock.now = T0 + s.MAX_SKEW - 1  # its headers come in while the token is still in its window,
+    clock.jump_to = T0 + s.REPLAY_TTL + 2  # its body once the first use can be forgotten
+    conn = http.client.HTTPConnection("127.0.0.1", stack.running.port, timeout=10)  # type: ignore[attr-defined]
+    conn.putrequest("POST", "/rest/add", skip_accept_encoding=True)
+    for name, value in [("Authorization", f"STT1 {token}"), ("Content-Type", "application/json")]:
+        conn.putheader(name, value)
+    conn.putheader("Content-Length", str(len(BODY)))
+    conn.endheaders()  # the body is held back
+    waited = 0
+    while clock.jump_to is not None and waited < 2000:  # until the server has read the time
+        time.sleep(0.005)
+        waited += 1
+    assert stack.call(stack.globex).status == 200  # any call, and the memory store forgets the first use
+    conn.send(BODY)
+    response = conn.getresponse()
+    late = Answer(response.status, response.getheaders(), response.read())
+    conn.close()
+    refused(stack, late)
+    assert stack.calls["add"] == before + 1  # globex's call only
+
+
 def test_the_same_jti_in_a_new_token_is_refused(stack: Stack) -> None:
     jti = s.new_jti()
     assert stack.call(jti=jti).status == 200
