@@ -1642,17 +1642,19 @@ FAILURE_REASONS = (
 class Throttle:
     """Counts failures per client address and per claimed tenant in fixed windows.
 
-    An address over its limit is refused outright, before its token is read. A tenant over
-    its limit is not: only its failures are answered 429 instead of 401 (PROTOCOL.md 3 throttles
-    "repeated failures"). The tenant in a refused token is unauthenticated, and anyone can read
-    it in a token's footer, so refusing the tenant's valid calls too would let anyone with a few
-    addresses lock it out, while it would not slow down guessing K (256 bits) in any way that
-    matters.
+    Over a limit, failures are answered 429 instead of 401 (PROTOCOL.md 3 throttles "repeated
+    failures"); valid calls are still verified and go through. Refusing them too would let
+    anyone lock out a tenant, whose name is in every token's footer, or every client behind a
+    shared address (a NAT, or a load balancer that is not on this host) with a few bad tokens a
+    minute, while it would not slow down guessing K (256 bits) in any way that matters.
     """
 
-    def __init__(self, per_address: int = 30, per_tenant: int = 300, window: int = 60) -> None:
+    def __init__(
+        self, per_address: int = 30, per_tenant: int = 300, window: int = 60, max_entries: int = 100_000
+    ) -> None:
         self.limits = {"addr": per_address, "tid": per_tenant}
         self.window = window
+        self.max_entries = max_entries
         self._counts: dict[tuple[str, str], tuple[int, int]] = {}
 
     def blocked(self, kind: str, who: str, now: float) -> bool:
@@ -1661,8 +1663,13 @@ class Throttle:
 
     def fail(self, kind: str, who: str, now: float) -> None:
         window = int(now) // self.window
-        if len(self._counts) > 100_000:  # bounded: forget old windows wholesale
-            self._counts = {k: v for k, v in self._counts.items() if v[0] == window}
+        if len(self._counts) >= self.max_entries:
+            # Bounded: forget old windows, and if this one alone is over half the limit (many
+            # addresses, or made-up tenants), the entries first seen earliest. Keeping at most
+            # half means the O(n) rebuild happens once per max_entries / 2 new entries, never
+            # on every failure, which a flood of made-up tenants could otherwise force.
+            current = [(k, v) for k, v in self._counts.items() if v[0] == window]
+            self._counts = dict(current[-(self.max_entries // 2) :])
         entry = self._counts.get((kind, who))
         count = entry[1] + 1 if entry is not None and entry[0] == window else 1
         self._counts[(kind, who)] = (window, count)
@@ -1706,8 +1713,6 @@ class Security:
         request_id = scope.get(REQUEST_ID_KEY, b"-")
         client = scope.get("client")
         address = client[0] if client else "-"
-        if self.throttle.blocked("addr", address, now):
-            return await self._throttled(send, request_id)
         tid = None
         invalid = "malformed"  # what an InvalidToken means: until the shape is checked, a malformed token
         try:
@@ -1808,10 +1813,10 @@ class Security:
     async def _unauthorized(
         self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str, detail: str
     ) -> None:
+        if self.throttle.blocked("addr", address, now) or (tid is not None and self.throttle.blocked("tid", tid, now)):
+            return await self._throttled(send, request_id)
         self.throttle.fail("addr", address, now)
         if tid is not None:
-            if self.throttle.blocked("tid", tid, now):
-                return await self._throttled(send, request_id)
             self.throttle.fail("tid", tid, now)
         self._failed(reason)
         self._log(request_id, f"{detail} (tenant {tid or '-'}, address {address})")

@@ -173,7 +173,8 @@ def test_the_errors_generation_rarely_meets_are_answered_as_documented(tmp_path:
 
         for _ in range(3):  # no token: unsigned 401s, counted against this address ...
             check(requests.post(f"{url}/rest/add/", json={"a": 1, "b": 2}, timeout=10), 401, "unauthorized", acme)
-        call("add", 429, "throttled", json={"a": 1, "b": 2})  # ... until it is throttled, even with a good one
+        throttled = requests.post(f"{url}/rest/add/", json={"a": 1, "b": 2}, timeout=10)
+        check(throttled, 429, "throttled", acme)  # ... until its failures are throttled
 
         huge = requests.post(f"{url}/rest/echo/", json={"text": "x"}, headers={"X-Padding": "x" * 70_000}, timeout=10)
         assert huge.status_code == 431  # the HTTP protocol's own refusal: no request id, no token

@@ -749,10 +749,12 @@ def test_repeated_failures_from_one_address_are_throttled(tmp_path: Path, serve)
     stack = make_stack(tmp_path, serve, throttle=s.Throttle(per_address=5, per_tenant=1000))
     for _ in range(5):
         refused(stack, stack.call(aud="https://elsewhere.test"))
-    throttled = stack.call()
+    throttled = stack.call(aud="https://elsewhere.test")
     assert throttled.status == 429 and throttled.header("retry-after") == "60"
+    assert throttled.header("stt1-response") is None  # refused before any token is verified
+    assert stack.call().status == 200  # a valid call from the same address (a NAT, a proxy) still goes through
     stack.clock.now += 60
-    assert stack.call().status == 200
+    refused(stack, stack.call(aud="https://elsewhere.test"))  # a new window
 
 
 def test_repeated_failures_for_one_tenant_are_throttled(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
@@ -765,6 +767,20 @@ def test_repeated_failures_for_one_tenant_are_throttled(tmp_path: Path, serve) -
     assert stack.call(stack.globex, aud="https://elsewhere.test").status == 401  # another tenant's count
     stack.clock.now += 60
     refused(stack, stack.call(aud="https://elsewhere.test"))  # a new window
+
+
+def test_the_failure_counts_stay_bounded_without_a_rebuild_per_failure() -> None:
+    throttle = s.Throttle(per_address=3, max_entries=100)
+    rebuilds = 0
+    for n in range(1000):  # one window, a made-up tenant each time: no entry ever gets old
+        table = throttle._counts
+        throttle.fail("tid", f"tenant-{n}", T0)
+        rebuilds += throttle._counts is not table
+        assert len(throttle._counts) <= 100
+    assert rebuilds <= 1000 // 50  # once per 50 new entries, not on every failure
+    for _ in range(3):
+        throttle.fail("addr", "10.0.0.1", T0)
+    assert throttle.blocked("addr", "10.0.0.1", T0)  # the newest entries are kept
 
 
 def test_nobody_can_lock_a_tenant_out_by_sending_bad_tokens_in_its_name(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
