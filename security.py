@@ -1011,12 +1011,16 @@ class Keystore:
         return True
 
     def revoke(self, tid_or_kid: str) -> int:
-        """Retire at once every credential of a tenant, or one kid; returns how many."""
+        """Retire at once every credential of a tenant, or one kid; returns how many.
+
+        A kid goes with its pending successor: K' was sent as ``rk`` to whoever called with K
+        (PROTOCOL.md 5.3), so revoking a stolen K alone would leave the thief K'.
+        """
         with self._transaction() as db:
             cursor = db.execute(
-                "UPDATE credentials SET state = 'retired', retire_at = ? WHERE (tid = ? OR kid = ?) "
-                "AND state != 'retired'",
-                (int(self.clock()), tid_or_kid, tid_or_kid),
+                "UPDATE credentials SET state = 'retired', retire_at = ? "
+                "WHERE (tid = ? OR kid = ? OR (state = 'pending' AND parent = ?)) AND state != 'retired'",
+                (int(self.clock()), tid_or_kid, tid_or_kid, tid_or_kid),
             )
             if (
                 cursor.rowcount == 0
@@ -1290,7 +1294,9 @@ class RedisKeystore(Keystore):
             matching = [c for kid, c in doc["credentials"].items() if tid_or_kid in (kid, c["tid"])]
             if not matching:
                 raise ValueError(f"no tenant or kid {tid_or_kid!r}")
-            retired = [c for c in matching if c["state"] != "retired"]
+            creds = doc["credentials"].values()
+            successors = [c for c in creds if c["state"] == "pending" and c["parent"] == tid_or_kid]
+            retired = [c for c in matching + successors if c["state"] != "retired"]
             for c in retired:
                 c.update(state="retired", retire_at=now)
             return len(retired)

@@ -64,10 +64,12 @@ def test_rotate_export_and_revoke(tmp_path: Path) -> None:
     cli(tmp_path, "tenant", "export", "acme", "--out", "laptop.json")
     second = s.read_credential(tmp_path / "laptop.json")
     assert second.tid == "acme" and second.kid != kid
-    assert cli(tmp_path, "tenant", "revoke", kid).stdout.strip() == f"{kid}: 1 credential(s) retired"
+    successor = rotated.split(" -> ")[1].split()[0]
+    # the kid goes with its pending successor
+    assert cli(tmp_path, "tenant", "revoke", kid).stdout.strip() == f"{kid}: 2 credential(s) retired"
     states = {line.split()[1]: line.split()[2] for line in cli(tmp_path, "tenant", "list").stdout.splitlines()}
-    assert states[kid] == "retired" and states[second.kid] == "active"
-    assert cli(tmp_path, "tenant", "revoke", "acme").stdout.strip() == "acme: 2 credential(s) retired"
+    assert states[kid] == states[successor] == "retired" and states[second.kid] == "active"
+    assert cli(tmp_path, "tenant", "revoke", "acme").stdout.strip() == "acme: 1 credential(s) retired"
 
 
 def test_otp_enroll_prints_an_otpauth_uri(tmp_path: Path) -> None:

@@ -186,6 +186,10 @@ def test_both_keystores_keep_the_same_rules(keystores) -> None:  # type: ignore[
     states = {row["kid"]: row["state"] for row in other.rows()}
     assert states == {kid: "retiring", new: "active"}
     assert other.revoke("acme") == 2 and one.is_retired("acme", kid)
+    kid2, _ = one.add_credential("acme")
+    [(_, _, successor)] = other.rotate("acme")
+    assert one.revoke(kid2) == 2  # a kid goes with its pending successor
+    assert {row["kid"]: row["state"] for row in other.rows()}[successor] == "retired"
     secret = one.otp_enroll("acme")
     import pyotp
 

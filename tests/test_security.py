@@ -615,6 +615,19 @@ def test_rotation_policy_makes_successors_for_old_credentials_only(stack: Stack)
     assert stack.keystore.rotate(older_than_days=1) == []  # at most one pending per credential
 
 
+def test_revoking_a_kid_during_a_rotation_revokes_its_successor_too(stack: Stack) -> None:
+    [(_, old, new)] = stack.keystore.rotate("acme")
+    stack.clock.now += 1.5
+    rk = response_claims(stack, stack.call()).rk  # whoever holds K, owner or thief, is sent K'
+    assert rk is not None and rk.kid == new
+    assert stack.keystore.revoke(old) == 2
+    stack.clock.now += 1.5
+    refused(stack, stack.call())
+    refused(stack, stack.call(Cred("acme", rk.kid, s.b64decode(rk.k))))
+    states = {row["kid"]: row["state"] for row in stack.keystore.rows() if row["tid"] == "acme"}
+    assert states == {old: "retired", new: "retired"}
+
+
 def test_a_revoked_kid_is_refused_and_its_use_raises_an_alert(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
     assert stack.keystore.revoke(stack.acme.kid) == 1
     stack.clock.now += 1.5
