@@ -257,6 +257,8 @@ def test_a_redis_keystore_down_fails_closed(redis_server: RedisServer, tmp_path:
     assert redis_server.process is not None
     redis_server.process.send_signal(signal.SIGSTOP)  # unreachable, with its data intact
     try:
+        stranger = host.call(Cred("acme", s.new_jti(), os.urandom(32)))  # an unknown kid: the cache answers
+        assert stranger.status == 401 and stranger.header("stt1-response") is None
         clock.now += 1.5  # the next version check goes to Redis, and times out
         down = host.call()
         assert down.status == 503 and down.header("stt1-response") is None
