@@ -195,6 +195,18 @@ _UNSIGNED_HINTS: dict[int, tuple[type[GatewayError], str, str]] = {
 
 _JSON = b"application/json"
 _OTP_RE = re.compile(r"[0-9]{6}")
+# The pattern of stt1.js's checkCredentialKeys, case and all: scheme://host[:port] and nothing
+# else. urlsplit alone would take "HTTP://", a trailing "?" or "#", and drops tabs and newlines
+# anywhere, so the client would sign for an audience the gateway never matches. JS's \s also
+# covers U+FEFF, Python's does not.
+_ORIGIN_RE = re.compile(r"https?://[^/?#@\s\\\ufeff]+")
+# A verified answer was signed somewhere between the request's signing and the answer's
+# arrival, so the offset learned from its iat can be wrong by up to that round trip. The
+# gateway allows 45 s either way (PROTOCOL.md 3.3): an answer held back longer than that (a
+# slow link, or an on-path attacker delaying it) would teach an offset that puts every later
+# iat outside the window, and the unsigned 401s that follow can correct nothing. Learn only
+# from a round trip short enough to leave the window ample room.
+_OFFSET_MAX_ROUND_TRIP = 10.0
 
 
 class _Ok(msgspec.Struct):
@@ -228,6 +240,7 @@ class _Prepared:
     jti: str  # the answer must be bound to it
     kid: str  # the answer must be signed under it
     request_id: str
+    signed_at: float  # local clock when signed: the answer cannot have been signed before it
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -237,14 +250,7 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     ``scheme://host[:port]`` would make the client and the gateway disagree about it.
     """
     parts = urllib.parse.urlsplit(url)
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or parts.path
-        or parts.query
-        or parts.fragment
-        or "@" in parts.netloc
-    ):
+    if not _ORIGIN_RE.fullmatch(url) or not parts.hostname:
         raise ValueError(f"the credential url must be an origin like https://api.example.com, not {url!r}")
     try:
         port = parts.port
@@ -384,12 +390,13 @@ class Client:
         # The token covers the exact bytes sent: target as on the request line, the header
         # value as sent (b"" when there is none) and the body.
         implicit = request_assertion(self._cred.url, method, target.encode("ascii"), content_type, body)
-        token = mint(c2s, int(self._clock() + self._offset), claims, implicit)
+        signed_at = self._clock()
+        token = mint(c2s, int(signed_at + self._offset), claims, implicit)
         request_id = secrets.token_hex(8)
         headers = {"Authorization": f"STT1 {token}", "Accept": "application/json", "X-Request-Id": request_id}
         if content_type:
             headers["Content-Type"] = content_type.decode("ascii")
-        return _Prepared(method, target, body, headers, jti, kid, request_id)
+        return _Prepared(method, target, body, headers, jti, kid, request_id, signed_at)
 
     # -- verifying -------------------------------------------------------------------------
 
@@ -434,8 +441,11 @@ class Client:
         if isinstance(claims.rk, RotatedKey) and not ok:
             raise forged
 
-        # Verified from here on.
-        self._offset = opened.footer.iat - received_at
+        # Verified from here on. A slow answer is still a good answer, but its iat says
+        # little about the gateway's clock now: keep the offset we had (see
+        # _OFFSET_MAX_ROUND_TRIP). A clock that went back during the call measures nothing.
+        if 0 <= received_at - prepared.signed_at <= _OFFSET_MAX_ROUND_TRIP:
+            self._offset = opened.footer.iat - received_at
         self._promote(prepared.kid)
         if isinstance(claims.rk, RotatedKey):
             self._store_next(claims.rk)
@@ -643,7 +653,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="OBJECT", help="the keyword arguments as a JSON object")
     parser.add_argument("--otp", metavar="CODE", help="the authenticator code, for functions that need one")
     parser.add_argument("--catalog", action="store_true", help="print the functions this credential may call")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per network read (default 10)")
     return parser
 
 
@@ -659,6 +669,10 @@ def main(argv: list[str] | None = None) -> int:
         args = msgspec.json.decode(opts.json or "{}")
     except msgspec.DecodeError as exc:
         parser.error(f"--json: {exc}")
+    except UnicodeError:  # an argument that is not UTF-8 reaches us with lone surrogates
+        parser.error("--json: not valid UTF-8")
+    except RecursionError:
+        parser.error("--json: nested too deeply")
     if not isinstance(args, dict):
         parser.error("--json must be a JSON object")
     try:

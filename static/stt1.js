@@ -745,6 +745,14 @@ export class KeyStore {
 
 // #### Client ###############################################################################
 
+// A verified answer was signed somewhere between the request's signing and the answer's arrival,
+// so the offset learned from its iat can be wrong by up to that round trip. The gateway allows
+// 45 s either way (PROTOCOL.md 3.3): an answer held back longer (a slow link, or an on-path
+// attacker delaying it) would teach an offset that puts every later iat outside the window, and
+// the unsigned 401s that follow can correct nothing. Learn only from a short round trip
+// (client.py's _OFFSET_MAX_ROUND_TRIP).
+const OFFSET_MAX_ROUND_TRIP = 10;
+
 // Python's urllib.parse.quote(text, safe=""): encodeURIComponent also leaves !'()* alone, so
 // escape those too; the target then is the same bytes the Python client sends.
 const quote = (text) => encodeURIComponent(text).replace(/[!'()*]/g, (c) => "%" + c.charCodeAt(0).toString(16).toUpperCase());
@@ -873,7 +881,8 @@ export class Client {
     const { kid, key } = this.#cred.next || this.#cred;
     const [c2s, s2c] = await this.#directionKeys(kid, key);
     const contentType = method === "POST" ? "application/json" : "";
-    const iat = Math.floor(this.#clock() + this.#offset);
+    const signedAt = this.#clock(); // the answer cannot have been signed before this
+    const iat = Math.floor(signedAt + this.#offset);
     // The token covers exactly the bytes sent: the target as on the request line (ASCII),
     // the Content-Type as sent ("" when none) and the body.
     const { token, jti } = await mintRequest(c2s, {
@@ -882,7 +891,7 @@ export class Client {
     const requestId = Array.from(randomBytes(8), (b) => b.toString(16).padStart(2, "0")).join("");
     const headers = { Authorization: `STT1 ${token}`, Accept: "application/json", "X-Request-Id": requestId };
     if (contentType) headers["Content-Type"] = contentType;
-    return { method, target, body, headers, jti, kid, s2c, requestId };
+    return { method, target, body, headers, jti, kid, s2c, requestId, signedAt };
   }
 
   // -- transport and verifying -----------------------------------------------------------------
@@ -945,8 +954,11 @@ export class Client {
     // something this gateway sends; use nothing of it.
     if (opened.claims.rk && !ok) throw forged;
 
-    // Verified from here on.
-    this.#offset = opened.footer.iat - receivedAt;
+    // Verified from here on. A slow answer is still a good answer, but its iat says little
+    // about the gateway's clock now: keep the offset we had. A clock that went back during the
+    // call measures nothing.
+    const roundTrip = receivedAt - prepared.signedAt;
+    if (roundTrip >= 0 && roundTrip <= OFFSET_MAX_ROUND_TRIP) this.#offset = opened.footer.iat - receivedAt;
     await this.#promote(prepared.kid);
     if (opened.claims.rk) await this.#storeNext(opened.claims.rk);
     return results(status, body);

@@ -202,7 +202,21 @@ def test_var1_that_a_url_cannot_carry_is_refused(client: c.Client, var1: str) ->
 
 
 @pytest.mark.parametrize(
-    "url", ["http://127.0.0.1:8000/", "https://api.example.com/base", "ftp://x", "http://u:p@x", "http://x?q"]
+    "url",
+    [
+        "http://127.0.0.1:8000/",
+        "https://api.example.com/base",
+        "ftp://x",
+        "http://u:p@x",
+        "http://x?q",
+        # urlsplit takes these, stt1.js does not, and the gateway would never match the AUD:
+        "HTTP://127.0.0.1:8000",
+        "http://127.0.0.1:8000?",
+        "http://127.0.0.1:8000#",
+        "http://127.0.0.1:8\t000",
+        "http://127.0.0.1:8000\n",
+        "http://x\\y",
+    ],
 )
 def test_a_credential_url_must_be_a_bare_origin(tmp_path: Path, url: str) -> None:
     path = tmp_path / "c.cred"
@@ -341,6 +355,37 @@ def test_the_offset_is_learned_from_a_verified_answer(client: c.Client, clock: F
     assert footer_of(client._prepare_call("add", {})).iat == int(NOW) + 100
     clock.now += 7
     assert footer_of(client._prepare_call("add", {})).iat == int(NOW) + 107
+
+
+def test_a_slow_answer_is_used_but_teaches_no_offset(client: c.Client, clock: FakeClock) -> None:
+    server_ahead = 20.0  # the gateway's clock, as local time plus this
+    prepared = client._prepare_call("add", {})
+    clock.now = NOW + 0.5
+    client._verify(prepared, *answer(prepared, iat=int(NOW + server_ahead)))
+    # Signed at once, delivered 54 s later (slow link, or held back on the path): still a
+    # good answer, but its iat is 54 s old.
+    prepared = client._prepare_call("add", {})
+    iat = int(clock.now + server_ahead)
+    clock.now += 54
+    assert client._verify(prepared, *answer(prepared, iat=iat)) == {"value": SECRET_RESULT}
+    # The offset learned from the quick answer stands, so the next request is still within
+    # the gateway's window (it was 54 s behind, and every call after it refused, before).
+    following = footer_of(client._prepare_call("add", {})).iat
+    assert abs(following - (clock.now + server_ahead)) <= 1 < s.MAX_SKEW
+
+
+@pytest.mark.parametrize(
+    ("round_trip", "learned"),
+    [(0.0, True), (10.0, True), (10.5, False), (46.0, False), (-5.0, False)],  # -5: the clock went back
+)
+def test_the_offset_is_learned_only_from_a_short_round_trip(
+    client: c.Client, clock: FakeClock, round_trip: float, learned: bool
+) -> None:
+    prepared = client._prepare_call("add", {})
+    clock.now = NOW + round_trip
+    client._verify(prepared, *answer(prepared, iat=int(NOW) + 30))
+    expected = int(NOW) + 30 if learned else int(NOW + round_trip)
+    assert footer_of(client._prepare_call("add", {})).iat == expected
 
 
 def test_the_offset_is_learned_from_a_signed_error_too(client: c.Client) -> None:
@@ -661,3 +706,26 @@ def test_cli_usage_errors_exit_2(cred_path: Path, argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         c.main(["--cred", str(cred_path), *argv])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{"a": "\udcff"}', "--json: not valid UTF-8"),  # how Python passes a non-UTF-8 argv byte
+        ("[" * 3000, "--json: nested too deeply"),
+    ],
+)
+def test_cli_json_that_cannot_decode_is_a_usage_error(
+    cred_path: Path, capsys: pytest.CaptureFixture[str], value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        c.main(["--cred", str(cred_path), "add", "--json", value])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+
+
+def test_cli_non_utf8_json_argument_exits_2_without_a_traceback(cred_path: Path) -> None:
+    argv = [sys.executable, str(ROOT / "client.py"), "--cred", str(cred_path), "add", "--json", b'{"a": "\xff"}']
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.endswith("error: --json: not valid UTF-8\n")

@@ -9,7 +9,9 @@ import json
 import subprocess
 from pathlib import Path
 
+import client
 import gateway_app as gateway
+import security
 from conftest import FIXTURES, ROOT, secured_server
 
 
@@ -53,3 +55,90 @@ def test_the_gateway_serves_the_browser_module(serve) -> None:  # type: ignore[n
     assert response.status_code == 200 and "javascript" in response.headers["content-type"]
     assert "export class Client" in response.text
     assert gw.client.get("/static/../gateway.py").status_code == 404
+
+
+# The credential of the tests below: they run no gateway, so the keys are fixed.
+CRED = {"stt": 1, "url": "http://127.0.0.1:8000", "tid": "acme", "kid": "EBESExQVFhcYGRobHB0eHw",
+        "k": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"}
+
+# A stand-in gateway as the client's fetch, with a fake clock: it opens each request as the
+# gateway does, records how far the request's iat is from its own clock (local + 20 s), signs
+# its answer at once and lets `delay` seconds pass before the client gets it.
+OFFSET = """
+import * as stt1 from "%(module)s";
+const cred = %(cred)s;
+const K = stt1.b64decode(cred.k);
+const c2s = await stt1.DirectionKey.derive(K, "c2s", cred.tid, cred.kid);
+const s2c = await stt1.DirectionKey.derive(K, "s2c", cred.tid, cred.kid);
+const NOW = 1760000000, SERVER_AHEAD = 20;
+let now = NOW, delay = 0;
+const skews = [], results = [];
+async function fetch(url, init) {
+  const target = url.slice(cred.url.length);
+  const implicit = await stt1.requestAssertion(cred.url, init.method, target, init.headers["Content-Type"], init.body);
+  const request = await stt1.openToken(c2s, init.headers.Authorization.slice(5), implicit);
+  skews.push(request.footer.iat - (now + SERVER_AHEAD));
+  const body = new TextEncoder().encode(JSON.stringify({ results: skews.length, valid: true }));
+  const signed = await stt1.mint(s2c, Math.floor(now + SERVER_AHEAD), { jti: stt1.newJti() },
+    await stt1.responseAssertion(cred.url, request.claims.jti, 200, "application/json", body));
+  now += delay;
+  return new Response(body, { status: 200, headers: { "Content-Type": "application/json", "STT1-Response": signed } });
+}
+const client = new stt1.Client(await stt1.importCredential(cred), { fetch, clock: () => now });
+for (delay of %(delays)s) results.push(await client.call("add", null, { a: 1 }));
+console.log(JSON.stringify({ skews, results }));
+"""
+
+
+def test_a_slow_answer_teaches_the_javascript_client_no_offset(tmp_path: Path) -> None:
+    script = tmp_path / "offset.mjs"
+    module = (ROOT / "static" / "stt1.js").as_uri()
+    delays = [0.5, 54, 0.5, 10, 0.5]
+    script.write_text(OFFSET % {"module": module, "cred": json.dumps(CRED), "delays": json.dumps(delays)})
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["results"] == [1, 2, 3, 4, 5]  # every answer verified and used, the slow one too
+    # 1: no offset yet. 2: learned from a 0.5 s round trip. 3: after the answer that took 54 s
+    # the offset stands (it was -54.5 before: refused by the gateway, and every call after it).
+    # 4: learned again. 5: a 10 s round trip is still learned from, off by at most those 10 s.
+    assert out["skews"] == [-20, -0.5, -0.5, -1, -10]
+
+
+URLS = """
+import * as stt1 from "%(module)s";
+const out = [];
+for (const url of %(urls)s) {
+  try {
+    new stt1.Client(await stt1.importCredential({ ...%(cred)s, url }), { fetch: () => null });
+    out.push(true);
+  } catch (e) {
+    if (!(e instanceof TypeError)) throw e;
+    out.push(false);
+  }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_both_clients_accept_the_same_credential_urls(tmp_path: Path) -> None:
+    urls = ["http://127.0.0.1:8000", "https://api.example.com", "http://[::1]:8000", "http://x:99999",
+            "HTTP://127.0.0.1:8000", "http://127.0.0.1:8000?", "http://127.0.0.1:8000#", "http://127.0.0.1:8\t000",
+            "http://127.0.0.1:8000\n", " http://x", "http://x\\y", "http://x\ufeff", "http://u@x", "http://x/"]
+    script = tmp_path / "urls.mjs"
+    module = (ROOT / "static" / "stt1.js").as_uri()
+    script.write_text(URLS % {"module": module, "cred": json.dumps(CRED), "urls": json.dumps(urls)})
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    in_js = json.loads(done.stdout)
+    in_python = []
+    for url in urls:
+        path = tmp_path / "c.cred"
+        security.write_credential(path, security.Credential(**{**CRED, "url": url}))
+        try:
+            client.Client(path)
+            in_python.append(True)
+        except ValueError:
+            in_python.append(False)
+    assert in_js[:3] == [True] * 3 and not any(in_js[3:])
+    assert in_python == in_js
