@@ -64,7 +64,9 @@ def test_the_client_verifies_each_s2c_vector(vector: dict, tmp_path: Path) -> No
     s.write_credential(cred_path, s.Credential(stt=1, url=assertion["aud"], tid=vector["tid"], kid=vector["kid"],
                                                k=s.b64encode(bytes.fromhex(vector["K"]))))
     api = stt1_client.Client(cred_path, clock=lambda: int(vector["iat"]))
-    prepared = stt1_client._Prepared("POST", "/rest/x/", b"", {}, assertion["request_jti"], vector["kid"], "test")
+    prepared = stt1_client._Prepared(
+        "POST", "/rest/x/", b"", {}, assertion["request_jti"], vector["kid"], "test", signed_at=int(vector["iat"])
+    )
     headers = [("STT1-Response", vector["token"]), ("Content-Type", assertion["content_type"]["text"])]
     body = bytes.fromhex(assertion["body"]["hex"])
     status = assertion["status"]
