@@ -31,7 +31,7 @@ import time
 import types
 import typing
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NotRequired, Required, TypedDict
 from urllib.parse import unquote
@@ -254,7 +254,9 @@ def load_modules(
             refused.append(Refusal(source, str(exc)))
         except SyntaxError as exc:
             refused.append(Refusal(source, f"SyntaxError: {exc.msg} (line {exc.lineno})"))
-        except (Exception, SystemExit) as exc:
+        except KeyboardInterrupt:
+            raise  # Ctrl-C during a slow import stops the start, as anywhere else
+        except BaseException as exc:  # sys.exit(), a stray CancelledError...: the module's failure, not ours
             refused.append(Refusal(source, f"{type(exc).__name__}: {exc}"))
         else:
             functions.update((item.name, item) for item in exposed)
@@ -509,36 +511,48 @@ class Dispatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _release(self, _: object = None) -> None:
+    def _release(self) -> None:
         self.inflight -= 1
 
     async def call(self, fn: Exposed, kwargs: dict[str, Any]) -> Any:
         if self.inflight >= self.settings.concurrency:
             raise GatewayError(503, "overloaded", "too many calls in progress; retry later")
         timeout = fn.timeout or self.settings.timeout
+        loop = asyncio.get_running_loop()
+        work: Future[Any] | None = None  # the thread pool's job, for a sync function
+        deadline: asyncio.Timeout | None = None
         self.inflight += 1
-        if fn.inline:
-            try:
-                return fn.func(**kwargs)
-            finally:
-                self.inflight -= 1
-        if fn.is_async:
-            try:
-                async with asyncio.timeout(timeout):
-                    return await fn.func(**kwargs)
-            except TimeoutError:
-                raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
-            finally:
-                self.inflight -= 1
-        # A thread cannot be cancelled: the slot stays taken until the function really
-        # returns, so hung functions end in 503s instead of an unbounded pile of threads.
-        future = asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn.func(**kwargs))
-        future.add_done_callback(self._release)
         try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(future)
+            if fn.inline or fn.is_async:
+                result = fn.func(**kwargs)  # an async function's body only runs when awaited, below
+                if not inspect.isawaitable(result):
+                    # Inline: it ran on the event loop, where no timer could have stopped it, so it
+                    # gets none (a timer costs about 7 us a call, as much as the rest of the call).
+                    return result
+            async with asyncio.timeout(timeout) as deadline:
+                if not (fn.inline or fn.is_async):
+                    work = self.executor.submit(fn.func, **kwargs)
+                    result = await asyncio.shield(asyncio.wrap_future(work))
+                # A coroutine, also from a sync function (an async one behind a plain decorator): run it.
+                return await result if inspect.isawaitable(result) else result
         except TimeoutError:
+            if deadline is None or not deadline.expired():
+                raise  # the function's own (an upstream's socket.timeout): a 500 with its traceback
             raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
+        finally:
+            if work is not None and not work.done():
+                work.cancel()  # still queued behind busy threads (a 504, a cancelled request): it never runs
+            if work is not None and not work.done():
+                # A running thread cannot be stopped: its slot stays taken until the function really
+                # returns, so hung functions end in 503s instead of an unbounded pile of threads.
+                work.add_done_callback(lambda _: _call_soon_threadsafe(loop, self._release))
+            else:
+                self._release()
+
+
+def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the server it counted for has stopped
+        loop.call_soon_threadsafe(callback)
 
 
 class RateLimits:
@@ -739,7 +753,12 @@ class Gateway:
             status, body, extra = exc.status, error_body(exc.code, exc.message), exc.headers
             if status >= 500:
                 log.error("request %s: %s %s", request_id.decode(), exc.code, exc.message)
-        except Exception:
+        except BaseException as exc:
+            # SystemExit (sys.exit, argparse), KeyboardInterrupt or a CancelledError the function
+            # raised itself fail the call like any exception. A CancelledError while this request's
+            # task is being cancelled (the server stopping) is not the function's: it goes on.
+            if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+                raise
             log.exception("request %s: `%s` raised", request_id.decode(), func_name)
             status, body, extra = 500, error_body("internal_error", "the function failed; see the server log"), ()
         await send(
@@ -903,6 +922,12 @@ _id_counter = itertools.count()
 _id_prefix = [secrets.token_hex(4).encode()]
 # A forked worker must not repeat its parent's ids.
 os.register_at_fork(after_in_child=lambda: _id_prefix.__setitem__(0, secrets.token_hex(4).encode()))
+
+
+def _being_cancelled() -> bool:
+    """Has someone asked to cancel the running task? (asyncio.timeout takes its own request back.)"""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
 
 
 def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
@@ -1231,15 +1256,17 @@ async def watch_modules(gateway: Gateway, root: Path) -> None:
     resolved = root.resolve()
 
     def reload(parts: set[tuple[str, ...]]) -> None:
-        asyncio.run_coroutine_threadsafe(_reload(gateway, root, parts), loop).result()
+        try:
+            asyncio.run_coroutine_threadsafe(_reload(gateway, root, parts), loop).result()
+        except Exception:  # one batch that fails must not end live reload for good
+            if not stop.is_set():
+                log.exception("live reload of %s failed; still watching", ", ".join("/".join(p) for p in sorted(parts)))
 
     def watch() -> None:
         try:
             import watchfiles
 
-            missed = {
-                f.relative_to(resolved).parts for f in resolved.rglob("*.py") if f.stat().st_mtime >= gateway.loaded_at
-            }
+            missed = {f.relative_to(resolved).parts for f in resolved.rglob("*.py") if _mtime(f) >= gateway.loaded_at}
             if missed:
                 reload(missed)
             for changes in watchfiles.watch(resolved, debounce=50, step=20, stop_event=stop, recursive=True):
@@ -1255,18 +1282,39 @@ async def watch_modules(gateway: Gateway, root: Path) -> None:
         stop.set()  # watch() sees it within a step (20 ms)
 
 
+def _mtime(file: Path) -> float:
+    """When it was last saved; 0 for what cannot be read, such as the dangling symlink Emacs
+    leaves as a lock file (``.#a.py -> user@host.pid:boot``)."""
+    try:
+        return file.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _is_or_was_folder(path: Path, catalog: Catalog) -> bool:
+    """A folder moved into or out of the modules comes as one change, for the folder alone: it
+    reloads everything when it is a folder now, or when modules served came from inside it."""
+    if path.is_dir():
+        return True
+    inside = f"{path}{os.sep}"
+    sources = itertools.chain((fn.source for fn in catalog.functions.values()), (r.source for r in catalog.refused))
+    return any(source.startswith(inside) for source in sources)
+
+
 async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> None:
-    parts = {p for p in parts if p and p[-1].endswith(".py") and not any(s.startswith(".") for s in p)}
+    parts = {p for p in parts if p and not any(s.startswith(".") for s in p)}
+    folders = {p for p in parts if not p[-1].endswith(".py") and _is_or_was_folder(root.joinpath(*p), gateway.catalog)}
+    parts = {p for p in parts if p[-1].endswith(".py")} | folders
     if not parts:
         return
     started = time.perf_counter()
-    for p in parts:
+    for p in parts - folders:
         # A pyc is trusted while the source's size and whole-second mtime match: two saves
         # within a second with the same size would import the old code. Drop it.
         with contextlib.suppress(OSError, ValueError):
             os.unlink(importlib.util.cache_from_source(str(root.resolve().joinpath(*p))))
     previous = gateway.catalog
-    if any(s.startswith("_") for p in parts for s in p):
+    if folders or any(s.startswith("_") for p in parts for s in p):
         catalog = await asyncio.to_thread(load_modules, root, gateway.settings.packages, previous=previous)
     else:
         changed = {str(root.joinpath(*p)) for p in parts}

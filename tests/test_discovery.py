@@ -117,3 +117,15 @@ def test_the_example_modules_all_load() -> None:
     } == set(catalog.functions)
     assert catalog.functions["reserve"].tenants == frozenset({"acme"})
     assert "_normalise" not in catalog.functions
+
+
+def test_a_module_raising_another_base_exception_at_import_is_refused_too(tmp_path) -> None:
+    """Only KeyboardInterrupt (Ctrl-C during a slow import) still stops the load."""
+    (tmp_path / "cancels.py").write_text('import asyncio\n\nraise asyncio.CancelledError("at import")\n')
+    (tmp_path / "good.py").write_text('__all_exposed__ = ["fine"]\n\n\ndef fine() -> int:\n    return 1\n')
+    catalog = gateway.load_modules(tmp_path)
+    assert [str(r) for r in catalog.refused] == [f"{tmp_path / 'cancels.py'}: CancelledError: at import"]
+    assert list(catalog.functions) == ["fine"]
+    (tmp_path / "cancels.py").write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        gateway.load_modules(tmp_path)

@@ -292,6 +292,102 @@ def test_a_hung_thread_keeps_its_slot_until_it_returns(serve) -> None:  # type: 
     assert answer.status_code == 200
 
 
+@pytest.fixture
+def dispatch(serve):  # type: ignore[no-untyped-def]
+    """The dispatch fixtures on one pool thread, so a test can keep every thread busy."""
+    return serve(gateway.create_app(FIXTURES / "dispatch", threads=1, auth="off", reload=False))
+
+
+def test_a_call_that_times_out_before_a_thread_is_free_never_runs(dispatch) -> None:  # type: ignore[no-untyped-def]
+    state = dispatch.app.catalog.functions["record"].func.__globals__
+    first: list[httpx.Response] = []
+    worker = threading.Thread(
+        target=lambda: first.append(httpx.post(f"{dispatch.url}/rest/hold_the_thread", timeout=10))
+    )
+    worker.start()
+    try:
+        assert state["HOLDING"].wait(5)  # the one thread is taken
+        assert error_of(dispatch.post("/rest/record", {"text": "late"})) == (504, "timeout")  # queued, 0.2 s
+    finally:
+        state["RELEASE"].set()
+        worker.join(10)
+    assert first[0].json() == {"results": "released", "valid": True}
+    # The pool runs its queue in order: a "late" call still queued would have run before this one.
+    assert dispatch.post("/rest/record", {"text": "on time"}).json()["results"] == ["on time"]
+    assert dispatch.app.dispatcher.inflight == 0  # the dropped call gave its slot back, once
+
+
+CALLED_AS = ["fail", "fail_inline", "fail_async"]  # in the thread pool, on the event loop, awaited
+
+
+@pytest.mark.parametrize("function", CALLED_AS)
+@pytest.mark.parametrize("how", ["exit", "bad_command_line", "interrupt", "cancel"])
+def test_a_base_exception_from_the_function_is_a_json_500_with_the_traceback_logged(  # type: ignore[no-untyped-def]
+    dispatch, caplog, function: str, how: str
+) -> None:
+    """sys.exit(), argparse on bad input, KeyboardInterrupt or a CancelledError of its own are the
+    function's failures like any other: not uvicorn's text/plain 500 without a request id."""
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        response = dispatch.post(f"/rest/{function}", {"how": how})
+    assert error_of(response) == (500, "internal_error")
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert response.headers["x-request-id"] in record.getMessage() and "Traceback" in caplog.text
+    assert dispatch.post("/rest/wrapped", {"text": "still serving"}).json()["results"] == "STILL SERVING"
+
+
+@pytest.mark.parametrize("function", ["fail", "fail_async"])
+def test_a_timeout_error_the_function_raises_is_a_500_not_the_gateways_504(dispatch, caplog, function: str) -> None:  # type: ignore[no-untyped-def]
+    """socket.timeout from an upstream is the function's failure: only the gateway's own timeout is a 504."""
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        response = dispatch.post(f"/rest/{function}", {"how": "upstream_timeout"})
+    assert error_of(response) == (500, "internal_error")
+    [record] = [r for r in caplog.records if r.exc_info]
+    assert response.headers["x-request-id"] in record.getMessage()
+    assert "the upstream did not answer" in caplog.text and "Traceback" in caplog.text
+
+
+@pytest.mark.parametrize("path", ["nap", "sync_nap"])
+def test_a_cancelled_request_task_is_cancelled_not_answered(path: str) -> None:
+    """Cancelling the request's task (a server that stops) cancels it: no 500 is made up for it."""
+    app = gateway.create_app(FIXTURES / "e2e", auth="off", reload=False)
+    sent: list[dict] = []
+
+    async def run() -> None:
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b'{"seconds": 0.1}', "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": f"/rest/{path}",
+            "headers": [(b"content-type", b"application/json")],
+        }
+        task = asyncio.create_task(app(scope, receive, send))  # type: ignore[arg-type]
+        while app.dispatcher.inflight == 0:  # until the function runs
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert sent == []
+    app.dispatcher.close()
+
+
+@pytest.mark.parametrize(("function", "result"), [("wrapped", "ABC"), ("wrapped_inline", "abc")])
+def test_an_async_function_behind_a_sync_decorator_is_awaited(dispatch, function: str, result: str) -> None:  # type: ignore[no-untyped-def]
+    assert dispatch.post(f"/rest/{function}", {"text": "aBc"}).json() == {"results": result, "valid": True}
+    assert dispatch.app.dispatcher.inflight == 0
+
+
+def test_an_async_function_behind_a_sync_decorator_keeps_its_timeout(dispatch) -> None:  # type: ignore[no-untyped-def]
+    assert error_of(dispatch.post("/rest/wrapped_forever")) == (504, "timeout")  # 0.2 s
+    assert dispatch.app.dispatcher.inflight == 0
+
+
 def test_a_client_that_disconnects_mid_body_does_not_hurt_the_server(gw) -> None:  # type: ignore[no-untyped-def]
     with socket.create_connection(("127.0.0.1", gw.port)) as sock:
         sock.sendall(

@@ -192,3 +192,27 @@ def test_a_save_before_the_watcher_is_up_is_not_missed(tmp_path: Path, serve) ->
     (tmp_path / "a.py").write_text(module(2))
     wait_for(lambda: gw.post("/rest/version").json()["results"] == 2)
     assert gw.app.reloads == 1
+
+
+def test_an_editors_dangling_lock_file_does_not_stop_live_reload(tmp_path: Path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "a.py").write_text(module(1))
+    (tmp_path / ".#a.py").symlink_to("root@host.1234:1700000000")  # Emacs's lock file: a link to nowhere
+    gw = serve(gateway.create_app(tmp_path, auth="off"))
+    time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher has looked for saves it missed: the link has no mtime
+    (tmp_path / "a.py").write_text(module(2))
+    wait_for(lambda: gw.post("/rest/version").json()["results"] == 2, seconds=5)
+    assert "live reload stopped" not in caplog.text
+
+
+def test_a_folder_moved_out_or_in_takes_its_modules_with_it(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    folder, elsewhere = tmp_path / "modules", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (folder / "sub" / "inner.py").write_text(module(1, "inner"))
+    gw = serve(gateway.create_app(folder, auth="off"))
+    assert gw.post("/rest/inner").json()["results"] == 1
+    time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher is up
+    (folder / "sub").rename(elsewhere / "sub")  # one event, for the folder: no .py path in it
+    wait_for(lambda: gw.post("/rest/inner").status_code == 404, seconds=5)
+    (elsewhere / "sub").rename(folder / "sub")
+    wait_for(lambda: gw.post("/rest/inner").status_code == 200, seconds=5)
