@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import logging
 import os
@@ -28,7 +29,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -279,7 +280,8 @@ class Client:
 
     Thread-safe: a lock serializes calls, because they share the connection and the rotation
     state (the key that signs, the learned clock offset). For parallel calls use several
-    Clients, but not on the same credential file: each rewrites it during a rotation.
+    Clients; they (and other processes, the CLI too) may share one credential file: a rotation
+    is written under a lock, and only over what this Client last read (see ``_save``).
     """
 
     def __init__(
@@ -470,30 +472,44 @@ class Client:
             # cannot happen with calls in series; the first stays (a key we may already have
             # signed with must not be lost).
             return
-        updated = msgspec.structs.replace(self._cred, next=rk)
         try:
-            write_credential(self._path, updated)
-        except OSError as exc:
+            self._save(msgspec.structs.replace(self._cred, next=rk))
+        except (OSError, ValueError) as exc:
             # Not durable, so not used: the gateway keeps offering it on every 2xx.
-            log.warning("could not store the rotated key in %s (%s); will retry", self._path, exc.strerror)
-            return
-        self._cred = updated
+            log.warning("could not store the rotated key in %s (%s); will retry", self._path, _reason(exc))
 
     def _promote(self, kid: str) -> None:
         """A verified answer under the next kid: it is now the key; drop the old one."""
         nxt = self._cred.next
         if not isinstance(nxt, RotatedKey) or nxt.kid != kid:
             return
-        promoted = msgspec.structs.replace(self._cred, kid=nxt.kid, k=nxt.k, next=msgspec.UNSET)
         try:
-            write_credential(self._path, promoted)
-        except OSError as exc:
+            self._save(msgspec.structs.replace(self._cred, kid=nxt.kid, k=nxt.k, next=msgspec.UNSET))
+        except (OSError, ValueError) as exc:
             # Harmless: we already sign with next, and a restart reads next and signs with it.
-            log.warning("could not store the promoted key in %s (%s); will retry", self._path, exc.strerror)
-            return
-        old = self._cred.kid
-        self._cred = promoted
-        self._keys.pop(old, None)
+            log.warning("could not store the promoted key in %s (%s); will retry", self._path, _reason(exc))
+
+    def _save(self, updated: Credential) -> None:
+        """Replace the credential this Client last read or wrote by ``updated``: compare, then write.
+
+        Another Client, process or the CLI may share the file and have rotated further: writing
+        our older view over theirs would leave only a retiring key, lost after its grace period.
+        So, under an exclusive lock, the file is written only if it still holds what this Client
+        last read or wrote; otherwise the file wins and this Client adopts it (the gateway offers
+        a still pending key again with the next 2xx). When in doubt, the stored record stays.
+        """
+        with _locked(self._path):
+            on_disk = read_credential(self._path)
+            if on_disk == self._cred:
+                write_credential(self._path, updated)
+            elif (on_disk.url, on_disk.tid) != (self._cred.url, self._cred.tid):
+                raise ValueError("it now holds another credential")
+            else:
+                updated = on_disk
+        self._cred = updated
+        kids = {updated.kid} | ({updated.next.kid} if isinstance(updated.next, RotatedKey) else set())
+        for kid in self._keys.keys() - kids:
+            del self._keys[kid]
 
     # -- transport -------------------------------------------------------------------------
 
@@ -576,6 +592,28 @@ def _results(status: int, body: bytes) -> Any:
     except _UNDECODABLE:
         raise BadResponse(status, "bad_response", "an error without a JSON error body") from None
     raise _SIGNED_ERRORS.get(status, GatewayError)(status, detail.code, detail.message)
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock for read-compare-write of a credential file, shared by every process.
+
+    The lock is a sidecar file (``<path>.lock``, left in place): the credential file itself is
+    replaced by rename on every write, so a lock on it would guard a file no longer there.
+    """
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.name == "posix":  # elsewhere the comparison alone still keeps the newer record
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _reason(exc: OSError | ValueError) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
 
 def _warn_if_readable(path: str) -> None:

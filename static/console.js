@@ -40,15 +40,21 @@ async function useKeys(keys) {
       + `Open ${keys.url}/console to use it.`, true);
     return false;
   }
+  // Only over what this tab last read or wrote (KeyStore.swap): another tab of this console may
+  // have rotated further, and the client then takes the stored keys instead.
   const persist = store && {
-    onRotate: async (rk, updated) => {
-      await store.save(updated, SLOT);
-      showKeys(updated);
-      notice("The gateway rotated this tenant's key. The new key is stored in this browser and used from now on.");
+    onRotate: async (rk, updated, before) => {
+      const stored = await store.swap(before, updated, SLOT);
+      if (stored.tid === updated.tid) showKeys(stored);
+      if (stored === updated) {
+        notice("The gateway rotated this tenant's key. The new key is stored in this browser and used from now on.");
+      }
+      return stored;
     },
-    onPromote: async (updated) => {
-      await store.save(updated, SLOT);
-      showKeys(updated);
+    onPromote: async (updated, before) => {
+      const stored = await store.swap(before, updated, SLOT);
+      if (stored.tid === updated.tid) showKeys(stored);
+      return stored;
     },
   };
   client = new Client(keys, persist || {});
@@ -70,12 +76,10 @@ async function loadFile(event) {
     notice(`${file.name} is not a gateway credential (${err.message.replace(/^not an STT1 credential: /, "")}).`, true);
     return;
   }
+  // Stored before its first call: the hooks replace only what this tab last stored or read.
+  if (store && keys.url === location.origin) await store.save(keys, SLOT);
   if (!(await useKeys(keys))) return;
-  if (!store) {
-    notice("This browser cannot keep keys (no IndexedDB here): load the file again after a reload.");
-    return;
-  }
-  await store.save(keys, SLOT);
+  if (!store) notice("This browser cannot keep keys (no IndexedDB here): load the file again after a reload.");
 }
 
 async function forget() {

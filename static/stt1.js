@@ -663,6 +663,11 @@ function checkCredentialKeys(c) {
 
 // #### Keeping credentials: IndexedDB ######################################################
 
+/** The same credential keys by their ids (a kid names one key; CryptoKeys cannot be compared). */
+function sameKeys(a, b) {
+  return a.url === b.url && a.tid === b.tid && a.kid === b.kid && a.next?.kid === b.next?.kid;
+}
+
 function idbDone(request) {
   return new Promise((resolve, reject) => {
     request.onsuccess = () => resolve(request.result);
@@ -706,9 +711,7 @@ export class KeyStore {
     return result;
   }
 
-  /** The keys in `slot`, checked as a Client checks them, or null when the slot is empty. */
-  async load(slot = "default") {
-    const record = await this.#run("readonly", (s) => s.get(slot));
+  static #keys(record) {
     if (record === undefined) return null;
     checkCredentialKeys(record);
     const next = record.next && Object.freeze({ kid: record.next.kid, key: record.next.key });
@@ -716,13 +719,48 @@ export class KeyStore {
     return Object.freeze(next ? { ...keys, next } : keys);
   }
 
-  /** Store keys (from importCredential, or a Client's `updated`) in `slot`; returns them. */
-  async save(keys, slot = "default") {
+  static #record(keys) {
     checkCredentialKeys(keys);
     const record = { stt: 1, url: keys.url, tid: keys.tid, kid: keys.kid, key: keys.key };
     if (keys.next) record.next = { kid: keys.next.kid, key: keys.next.key };
+    return record;
+  }
+
+  /** The keys in `slot`, checked as a Client checks them, or null when the slot is empty. */
+  async load(slot = "default") {
+    return KeyStore.#keys(await this.#run("readonly", (s) => s.get(slot)));
+  }
+
+  /** Store keys (from importCredential) in `slot`, whatever it held; returns them. */
+  async save(keys, slot = "default") {
+    const record = KeyStore.#record(keys);
     await this.#run("readwrite", (s) => s.put(record, slot));
     return keys;
+  }
+
+  /**
+   * Replace `expected` by `keys` in `slot`, in one transaction, only if the slot still holds
+   * `expected` (same kids): another tab may have rotated further, and writing this tab's older
+   * view over it would leave only a retiring key. Returns what the slot holds afterwards:
+   * `keys`, or the other tab's newer keys (a Client adopts those). Throws if the slot was
+   * emptied (forgotten in another tab): nothing is stored then.
+   */
+  async swap(expected, keys, slot = "default") {
+    const record = KeyStore.#record(keys);
+    let written = false;
+    const stored = await this.#run("readwrite", (s) => {
+      const get = s.get(slot);
+      // The put must be queued within the success event, or the transaction commits without it.
+      get.addEventListener("success", () => {
+        if (get.result !== undefined && sameKeys(get.result, expected)) {
+          s.put(record, slot);
+          written = true;
+        }
+      });
+      return get;
+    });
+    if (stored === undefined) throw new Error(`slot ${slot} is empty`);
+    return written ? keys : KeyStore.#keys(stored);
   }
 
   /** Forget the keys in `slot` (this browser only: revoking is the gateway operator's). */
@@ -733,8 +771,8 @@ export class KeyStore {
   /** Client options that persist rotation and promotion in `slot`: new Client(keys, store.hooks()). */
   hooks(slot = "default") {
     return {
-      onRotate: (rk, updated) => this.save(updated, slot),
-      onPromote: (updated) => this.save(updated, slot),
+      onRotate: (rk, updated, before) => this.swap(before, updated, slot),
+      onPromote: (updated, before) => this.swap(before, updated, slot),
     };
   }
 
@@ -803,7 +841,8 @@ function results(status, body) {
  * A gateway client for one credential: every call signed, every answer verified before use.
  * options: fetch (default globalThis.fetch), clock (() => Unix SECONDS, like Python's
  * time.time; default Date.now() / 1000), timeout (seconds, default 10),
- * onRotate(rk, updated) and onPromote(updated) (persistence, see #storeNext / #promote).
+ * onRotate(rk, updated, before) and onPromote(updated, before) (persistence, see #storeNext /
+ * #promote; KeyStore.hooks gives both): each may return the keys storage holds afterwards.
  * Calls may run concurrently: each keeps the keys it signed with to check its own answer.
  */
 export class Client {
@@ -979,13 +1018,14 @@ export class Client {
     this.#storing = (async () => {
       const next = Object.freeze({ kid: rk.kid, key: await importSecretB64(rk.k) });
       const updated = Object.freeze({ ...before, next });
+      let stored;
       try {
-        await this.#onRotate(next, updated);
+        stored = await this.#onRotate(next, updated, before);
       } catch {
         console.warn("stt1: could not store the rotated key; will retry on the next answer");
         return;
       }
-      if (this.#cred === before) this.#cred = updated;
+      this.#adopt(before, isObject(stored) ? stored : updated);
     })().finally(() => {
       this.#storing = null;
     });
@@ -994,17 +1034,19 @@ export class Client {
 
   /**
    * A verified answer under the next kid: it is now the key, the old one is dropped.
-   * onPromote(updated), if given, persists that; if it throws we keep both (harmless: we
-   * already sign with next, and a reload does too) and try again on the next answer.
+   * onPromote(updated, before), if given, persists that; if it throws we keep both (harmless:
+   * we already sign with next, and a reload does too) and try again on the next answer.
    */
   async #promote(kid) {
     const before = this.#cred;
     if (!before.next || before.next.kid !== kid || this.#promoting) return;
     const promoted = Object.freeze({ stt: 1, url: before.url, tid: before.tid, kid, key: before.next.key });
+    let stored = promoted;
     if (this.#onPromote) {
       this.#promoting = true;
       try {
-        await this.#onPromote(promoted);
+        const held = await this.#onPromote(promoted, before);
+        if (isObject(held)) stored = held;
       } catch {
         console.warn("stt1: could not store the promoted key; will retry");
         return;
@@ -1012,8 +1054,23 @@ export class Client {
         this.#promoting = false;
       }
     }
-    if (this.#cred !== before) return;
-    this.#cred = promoted;
-    this.#keys.delete(before.kid);
+    this.#adopt(before, stored);
+  }
+
+  /**
+   * After a hook ran on `before`: use what storage now holds. That is our own update, or keys
+   * another tab stored first (a hook returns those instead of overwriting them: KeyStore.swap),
+   * which are newer than ours, so we sign with them too. A hook that returns no object stored
+   * what it was given. Another credential is not adopted, nor anything if ours changed meanwhile.
+   */
+  #adopt(before, stored) {
+    if (this.#cred !== before || stored.url !== before.url || stored.tid !== before.tid) return;
+    try {
+      checkCredentialKeys(stored);
+    } catch {
+      return; // not keys: nothing we could sign with, so keep ours
+    }
+    this.#cred = stored;
+    for (const kid of this.#keys.keys()) if (kid !== stored.kid && kid !== stored.next?.kid) this.#keys.delete(kid);
   }
 }

@@ -74,6 +74,70 @@ def test_an_imported_secret_cannot_be_read_back(browser, serve, tmp_path: Path) 
 
 
 
+# A tab with a KeyStore and a Client on its hooks, answered by a stand-in gateway (its fetch) that
+# knows the keys of every kid and offers window.rk, if set, with each answer: the tabs share one
+# IndexedDB slot, and the rotations happen when the test says, with no clock involved.
+TAB = """async ([cred, secrets]) => {
+    const m = await import("/static/stt1.js");
+    const store = await m.KeyStore.open("two-tabs");
+    if (!(await store.load())) await store.save(await m.importCredential(cred));
+    window.signedWith = [];
+    window.rk = null;
+    const fetch = async (url, init) => {
+        const token = init.headers.Authorization.slice(5);
+        const kid = m.parse(token).footer.kid;
+        const K = m.b64decode(secrets[kid]);
+        const c2s = await m.DirectionKey.derive(K, "c2s", cred.tid, kid);
+        const s2c = await m.DirectionKey.derive(K, "s2c", cred.tid, kid);
+        const target = url.slice(cred.url.length);
+        const implicit = await m.requestAssertion(cred.url, init.method, target, init.headers["Content-Type"],
+            init.body);
+        const request = await m.openToken(c2s, token, implicit);
+        window.signedWith.push(kid);
+        const body = new TextEncoder().encode(JSON.stringify({ results: 2, valid: true }));
+        const claims = window.rk ? { jti: m.newJti(), rk: window.rk } : { jti: m.newJti() };
+        const signed = await m.mint(s2c, request.footer.iat, claims,
+            await m.responseAssertion(cred.url, request.claims.jti, 200, "application/json", body));
+        const headers = { "Content-Type": "application/json", "STT1-Response": signed };
+        return new Response(body, { status: 200, headers });
+    };
+    window.store = store;
+    window.client = new m.Client(await store.load(), { fetch, ...store.hooks() });
+}"""
+CALL = """async (rk) => {
+    window.rk = rk;
+    await window.client.call("add", null, { a: 1, b: 1 });
+    return window.signedWith.at(-1);
+}"""
+IN_SLOT = """async () => { const k = await window.store.load(); return [k.kid, k.next?.kid ?? null]; }"""
+
+
+def test_a_tab_never_stores_an_older_key_over_another_tabs_newer_one(browser, serve) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "e2e", auth="off", reload=False))
+    kids = ["AAAAAAAAAAAAAAAAAAAAAA", "EBESExQVFhcYGRobHB0eHw", "ICEiIyQlJicoKSorLC0uLw"]
+    secrets = {kid: security.b64encode(bytes([n]) * 32) for n, kid in enumerate(kids)}
+    kid0, kid1, kid2 = kids
+    rk1, rk2 = ({"kid": kid, "k": secrets[kid]} for kid in (kid1, kid2))
+    cred = {"stt": 1, "url": "http://127.0.0.1:8000", "tid": "acme", "kid": kid0, "k": secrets[kid0]}
+    a, b = browser.new_page(), browser.new_page()
+    for page in (a, b):
+        page.goto(f"{gw.url}/healthz")  # one origin: the two tabs share its IndexedDB
+    a.evaluate(TAB, [cred, secrets])
+    assert a.evaluate(CALL, rk1) == kid0  # A stores kid1 as next
+    b.evaluate(TAB, [cred, secrets])  # B opens now: it reads {kid0, next kid1}
+    assert a.evaluate(CALL, rk2) == kid1  # A promotes kid1, and is given kid2
+    assert a.evaluate(CALL, None) == kid2  # A promotes kid2: kid1 is retiring
+    assert a.evaluate(IN_SLOT) == [kid2, None]
+    assert b.evaluate(CALL, None) == kid1  # B, idle till now, signs with kid1 (still in its grace)
+    assert b.evaluate(IN_SLOT) == [kid2, None]  # its older view was not written over kid2 ...
+    assert b.evaluate(CALL, None) == kid2  # ... and B took kid2 from the slot
+    for page in (a, b):
+        page.evaluate("() => window.store.close()")
+    a.evaluate("""() => new Promise((done) => { indexedDB.deleteDatabase("two-tabs").onsuccess = done; })""")
+    a.close()
+    b.close()
+
+
 # #### The console, behind a proxy that can tamper with answers in transit ####################
 
 

@@ -511,6 +511,70 @@ def test_a_rotated_key_that_cannot_be_stored_is_not_used(
     assert footer_of(cl._prepare_call("add", {})).kid == KID
 
 
+def _promoted_by(cl: c.Client, k: bytes, kid: str, rk: s.RotatedKey | None = None) -> None:
+    """One call of ``cl`` signed with (kid, k), answered by the gateway under that kid."""
+    prepared = cl._prepare_call("add", {})
+    assert footer_of(prepared).kid == kid
+    cl._verify(prepared, *answer(prepared, key=s.DirectionKey(k, "s2c", TID, kid), rk=rk))
+
+
+def test_a_client_sharing_the_file_never_writes_back_an_older_key(tmp_path: Path, clock: FakeClock) -> None:
+    # Both open the file while it holds kid0 with kid1 pending. A promotes kid1, is given kid2
+    # and promotes it too: kid1 is retiring. B, idle till now, signs with kid1 (still in its
+    # grace period); writing its view {kid1} over {kid2} would leave only a retiring key.
+    path = write_cred(tmp_path / "acme.cred", rk=RK)
+    k2 = bytes(range(50, 82))
+    third = s.RotatedKey(kid=s.b64encode(bytes(range(1, 17))), k=s.b64encode(k2))
+    a, b = c.Client(path, clock=clock), c.Client(path, clock=clock)
+    _promoted_by(a, K_NEXT, KID_NEXT, rk=third)
+    _promoted_by(a, k2, third.kid)
+    newest = path.read_bytes()
+    _promoted_by(b, K_NEXT, KID_NEXT)
+    assert path.read_bytes() == newest  # the file still holds kid2
+    assert footer_of(b._prepare_call("add", {})).kid == third.kid  # and B now signs with it too
+    assert KID not in b._keys and KID_NEXT not in b._keys
+
+
+def test_a_rotated_key_is_not_written_over_a_file_changed_meanwhile(tmp_path: Path, clock: FakeClock) -> None:
+    path = write_cred(tmp_path / "acme.cred")
+    a, b = c.Client(path, clock=clock), c.Client(path, clock=clock)
+    _promoted_by(a, K, KID, rk=RK)  # A stores kid1 as next ...
+    _promoted_by(a, K_NEXT, KID_NEXT)  # ... and promotes it: the file holds kid1 alone
+    b._verify(prepared := b._prepare_call("add", {}), *answer(prepared, rk=RK))  # B, under kid0, gets rk
+    raw = json.loads(path.read_bytes())
+    assert raw == {"stt": 1, "url": AUD, "tid": TID, "kid": KID_NEXT, "k": s.b64encode(K_NEXT)}  # kid0 not back
+    assert footer_of(b._prepare_call("add", {})).kid == KID_NEXT
+
+
+def test_the_credential_file_is_compared_and_written_under_a_lock(
+    client: c.Client, cred_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    held: list[bool] = []
+
+    def write_and_check(path: str, credential: s.Credential) -> None:
+        # flock locks belong to an open file: a second one in this process must be refused now.
+        fd = os.open(f"{cred_path}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        s.write_credential(path, credential)
+
+    monkeypatch.setattr(c, "write_credential", write_and_check)
+    prepared = client._prepare_call("add", {})
+    client._verify(prepared, *answer(prepared, rk=RK))
+    under_new = client._prepare_call("add", {})
+    client._verify(under_new, *answer(under_new, key=s.DirectionKey(K_NEXT, "s2c", TID, KID_NEXT)))
+    assert held == [True, True]
+    assert os.stat(f"{cred_path}.lock").st_mode & 0o777 == 0o600
+    assert s.read_credential(cred_path).kid == KID_NEXT
+
+
 # -- secrets ----------------------------------------------------------------------------------
 
 

@@ -142,3 +142,52 @@ def test_both_clients_accept_the_same_credential_urls(tmp_path: Path) -> None:
             in_python.append(False)
     assert in_js[:3] == [True] * 3 and not any(in_js[3:])
     assert in_python == in_js
+
+
+# Another tab (or process) promoted further while this client was idle: its onPromote hook finds
+# newer keys in storage and returns them instead of writing over them (as KeyStore.swap does).
+ADOPT = """
+import * as stt1 from "%(module)s";
+const cred = %(cred)s, secrets = %(secrets)s;
+const signedWith = [], replaced = [];
+async function fetch(url, init) {
+  const token = init.headers.Authorization.slice(5);
+  const kid = stt1.parse(token).footer.kid;
+  const K = stt1.b64decode(secrets[kid]);
+  const c2s = await stt1.DirectionKey.derive(K, "c2s", cred.tid, kid);
+  const s2c = await stt1.DirectionKey.derive(K, "s2c", cred.tid, kid);
+  const target = url.slice(cred.url.length);
+  const implicit = await stt1.requestAssertion(cred.url, init.method, target, init.headers["Content-Type"], init.body);
+  const request = await stt1.openToken(c2s, token, implicit);
+  signedWith.push(kid);
+  const body = new TextEncoder().encode(JSON.stringify({ results: 2, valid: true }));
+  const signed = await stt1.mint(s2c, request.footer.iat, { jti: stt1.newJti() },
+    await stt1.responseAssertion(cred.url, request.claims.jti, 200, "application/json", body));
+  return new Response(body, { status: 200, headers: { "Content-Type": "application/json", "STT1-Response": signed } });
+}
+const { next, ...base } = cred;
+const newer = await stt1.importCredential({ ...base, kid: %(kid2)s, k: secrets[%(kid2)s] });
+const onPromote = async (updated, before) => {
+  replaced.push([before.kid, before.next.kid, updated.kid]);
+  return newer;
+};
+const client = new stt1.Client(await stt1.importCredential(cred), { fetch, onPromote });
+await client.call("add", null, { a: 1, b: 1 });
+await client.call("add", null, { a: 1, b: 1 });
+console.log(JSON.stringify({ signedWith, replaced, kid: client.kid }));
+"""
+
+
+def test_the_javascript_client_adopts_newer_keys_its_hook_found_stored(tmp_path: Path) -> None:
+    kid0, kid1, kid2 = CRED["kid"], "ICEiIyQlJicoKSorLC0uLw", "MDEyMzQ1Njc4OTo7PD0-Pw"
+    secrets = {kid0: CRED["k"], kid1: security.b64encode(bytes(32)), kid2: security.b64encode(bytes([7]) * 32)}
+    cred = {**CRED, "next": {"kid": kid1, "k": secrets[kid1]}}
+    script = tmp_path / "adopt.mjs"
+    module = (ROOT / "static" / "stt1.js").as_uri()
+    script.write_text(ADOPT % {"module": module, "cred": json.dumps(cred), "secrets": json.dumps(secrets),
+                               "kid2": json.dumps(kid2)})
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["replaced"] == [[kid0, kid1, kid1]]  # the hook is told what it replaces
+    assert out["signedWith"] == [kid1, kid2] and out["kid"] == kid2  # then the stored keys sign
