@@ -1434,6 +1434,11 @@ def _guarded_http() -> type:
             self._reading = len(data)
             if self._head >= 0:
                 self._head += len(data)
+            elif not self._phase and (self.cycle is None or self.cycle.response_complete):
+                # Between requests, whatever comes starts the next head's deadline. Bare CRLFs
+                # begin no message yet cancel uvicorn's keep-alive timer: without this, one every
+                # few seconds would hold the connection for ever.
+                self._expect("head", self.limits[1])
             super().data_received(data)
             if (self._too_large or self._head > self.limits[0]) and not self.transport.is_closing():
                 self._refuse(431, "too_large", f"the request head is over {self.limits[0]} bytes")

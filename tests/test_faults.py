@@ -209,6 +209,22 @@ def test_a_request_head_that_never_ends_is_a_408_after_the_head_timeout(served) 
     assert gw.add().json()["results"] == 3
 
 
+def test_bare_line_ends_after_a_request_do_not_keep_the_connection_for_ever(served) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e(), **quick(head_timeout=0.3))
+    with gw.connect() as sock:
+        sock.sendall(ADD_REQUEST)
+        assert read_response(sock)[:2] == (200, b'{"results":3,"valid":true}')
+        started = time.monotonic()
+        for _ in range(6):  # a CRLF every 0.1 s starts no request, but it is not a head either
+            time.sleep(0.1)
+            with contextlib.suppress(OSError):
+                sock.sendall(b"\r\n")
+        closed, sent = closed_within(sock, 5)
+        assert closed and sent.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        assert time.monotonic() - started < 3  # the head timeout, not uvicorn's 5 s keep-alive
+    assert gw.add().json()["results"] == 3
+
+
 def test_a_body_that_stalls_is_dropped_after_the_body_timeout(served) -> None:  # type: ignore[no-untyped-def]
     gw = served(e2e(), **quick(body_timeout=0.3))
     with gw.connect() as sock:
