@@ -1035,7 +1035,7 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
 
 # Every error a function's endpoint can answer: (name in components.responses, codes, when).
 _ERRORS: dict[int, tuple[str, tuple[str, ...], str]] = {
-    400: ("BadJson", ("bad_json",), "the body is not a JSON object"),
+    400: ("BadRequest", ("bad_json", "bad_request"), "the body is not a JSON object, or the request not valid HTTP"),
     401: ("Unauthorized", ("unauthorized",), "any token failure, or a missing, wrong or reused second factor"),
     404: ("NotFound", ("not_found",), "no such function, or one this tenant may not call"),
     408: ("RequestTimeout", ("timeout",), "the request line and headers were too slow; the connection is closed"),
@@ -1471,6 +1471,10 @@ def _guarded_http() -> type:
             if not self._too_large:
                 self._phase, self._deadline = "", math.inf
                 super().on_message_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            """Not HTTP at all (httptools could not parse it): uvicorn's answer is text/plain."""
+            self._refuse(400, "bad_request", "the request is not valid HTTP/1.1")
 
         def _expect(self, phase: str, seconds: float) -> None:
             self._phase, self._deadline = phase, self.loop.time() + seconds

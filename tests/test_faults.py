@@ -209,6 +209,26 @@ def test_a_request_head_that_never_ends_is_a_408_after_the_head_timeout(served) 
     assert gw.add().json()["results"] == 3
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /rest/add HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST /rest/add HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /rest/a\x01dd HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=["content-length", "chunk", "control-byte"],
+)
+def test_a_request_that_is_not_http_gets_a_json_400(served, request_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    gw = served(e2e())
+    with gw.connect() as sock:
+        sock.sendall(request_bytes)
+        status, body, closed = read_response(sock)
+    assert status == 400 and closed
+    error = {"code": "bad_request", "message": "the request is not valid HTTP/1.1"}
+    assert json.loads(body) == {"valid": False, "error": error}
+    assert gw.add().json()["results"] == 3
+
+
 def test_bare_line_ends_after_a_request_do_not_keep_the_connection_for_ever(served) -> None:  # type: ignore[no-untyped-def]
     gw = served(e2e(), **quick(head_timeout=0.3))
     with gw.connect() as sock:
