@@ -227,15 +227,23 @@ def load_modules(
     A reload passes the ``previous`` catalog. With ``changed`` (files, as named in sources),
     only those are imported again and the rest of ``previous`` is kept as it was, so a reload
     costs what changed. A changed file that now fails keeps serving its previous version while
-    it is reported as refused; a file that is gone takes its functions with it.
+    it is reported as refused; a file that is gone takes its functions with it. The files
+    refused so far are tried again too, after the changed ones: what refused them (a name
+    another file exposed) may be gone.
     """
     global _generation
     _generation += 1
     functions: dict[str, Exposed] = {}
     refused: list[Refusal] = []
     only = None
+    retried: set[str] = set()
     if previous is not None and changed is not None:
-        only = {source for source in changed if Path(source).exists()}
+        # Refusals are few, so retrying each costs little. They come last so that the file
+        # which already exposes a name keeps it: retried first, a refused file would take the
+        # name from a file that was merely edited. Package refusals stay: packages don't change.
+        retried = {r.source for r in previous.refused if _is_file_in(r.source, path)} - set(changed)
+        only = [source for source in sorted(changed) + sorted(retried) if Path(source).exists()]
+        changed = {*changed, *retried}
         functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
         refused = [refusal for refusal in previous.refused if refusal.source not in changed]
         packages = ()  # installed packages do not change under a running gateway
@@ -260,13 +268,47 @@ def load_modules(
             refused.append(Refusal(source, f"{type(exc).__name__}: {exc}"))
         else:
             functions.update((item.name, item) for item in exposed)
+            if source in retried:
+                log.info("%s loads now: what refused it is gone", source)
             continue
-        log.error("refused %s", refused[-1])
+        if previous is not None and source in retried and refused[-1] in previous.refused:
+            log.debug("still refused %s", refused[-1])  # logged when it happened, not at every reload
+        else:
+            log.error("refused %s", refused[-1])
         if previous is not None:  # the previous version of this file goes on serving
             functions.update((n, fn) for n, fn in previous.functions.items() if fn.source == source)
     if previous is not None:
         _forget_generations(previous.functions.values(), functions.values())
     return Catalog(functions, tuple(refused))
+
+
+def _load_in_thread(*args: Any, **kwargs: Any) -> Future[Catalog]:
+    """``load_modules`` in a thread of its own, as both start-up and live reload run it.
+
+    Reloads cannot import in the main thread (it runs the event loop), so start-up does not
+    either: a module that needs the main thread at import (``asyncio.get_event_loop()``,
+    ``signal.signal``) is then refused from the start, with the reason, instead of loading at
+    start and being refused at its first save. The loop such a module got at start was never
+    the one that serves anyway.
+    """
+    future: Future[Catalog] = Future()
+    future.set_running_or_notify_cancel()  # a cancelled reload cannot stop an import: it finishes, unseen
+
+    def load() -> None:
+        try:
+            future.set_result(load_modules(*args, **kwargs))
+        except BaseException as exc:  # KeyboardInterrupt included: the caller re-raises it
+            future.set_exception(exc)
+
+    # Not a daemon: a thread a module starts at import inherits that, and must stay the
+    # non-daemon thread it would be anywhere else (exit waits for it; see _end_process_after).
+    threading.Thread(target=load, name="gateway-load", daemon=False).start()
+    return future
+
+
+def _is_file_in(source: str, path: str | os.PathLike[str] | None) -> bool:
+    """Is this source a file of the modules folder (not a module of an installed package)?"""
+    return path is not None and source.endswith(".py") and Path(source).is_relative_to(path)
 
 
 def _keep_cwd(cwd: str, source: str) -> None:
@@ -290,7 +332,10 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
     the modules of it that were replaced: whatever such a module holds (a cache, a leak) is
     freed by reloading it, whatever else its generation still serves.
     """
-    gone = {_generation_of(fn) for fn in replaced} - {_generation_of(fn) for fn in serving} - {f"_gw{_generation}"}
+    # This load's own generation goes too when nothing it imported serves (a broken save, a
+    # removed file): else it and the refused modules retried in it would stay for good.
+    gone = {_generation_of(fn) for fn in replaced} | {f"_gw{_generation}"}
+    gone -= {_generation_of(fn) for fn in serving}
     gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
     for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
         del sys.modules[name]
@@ -305,16 +350,17 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
 
 
 def _module_sources(
-    path: str | os.PathLike[str] | None, packages: tuple[str, ...], package_name: str, only: set[str] | None = None
+    path: str | os.PathLike[str] | None, packages: tuple[str, ...], package_name: str, only: list[str] | None = None
 ) -> Iterator[tuple[str, Callable[[], types.ModuleType]]]:
-    """Yield (display name, importer) for each module to consider, in a stable order."""
+    """Yield (display name, importer) for each module to consider, in a stable order (``only``:
+    just these files, in the order given)."""
     if path is not None:
         root = Path(path)
         package = types.ModuleType(package_name)
         package.__path__ = [str(root)]
         package.__package__ = package_name
         sys.modules[package_name] = package
-        for file in _walk(root) if only is None else sorted(map(Path, only)):
+        for file in _walk(root) if only is None else map(Path, only):
             dotted = ".".join(file.relative_to(root).with_suffix("").parts)
             yield str(file), functools.partial(importlib.import_module, f"{package_name}.{dotted}")
     for name in packages:
@@ -460,13 +506,43 @@ def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> di
     try:
         return fn.decode_args(body or b"{}")
     except msgspec.ValidationError as exc:
-        # JSON has one kind of number: 2.0 is the integer 2, as JSON Schema (so /openapi.json)
-        # says, but msgspec's strict mode wants it spelled 2. Only on that refusal, try once more
-        # with whole floats as ints; any other refusal stands, with its own message.
-        if "got `float`" in str(exc):
-            with contextlib.suppress(msgspec.ValidationError):
-                return fn.decode_args(msgspec.json.encode(_whole_floats_as_ints(decode_object(body))))
-        raise GatewayError(422, "invalid_arguments", str(exc)) from None
+        return _retry_whole_floats(fn, body, exc)
+
+
+def _retry_whole_floats(fn: Exposed, body: bytes, error: msgspec.ValidationError) -> dict[str, Any]:
+    """Decode again with whole floats as ints where msgspec refused a float, or raise the 422.
+
+    JSON has one kind of number: 2.0 is the integer 2, as JSON Schema (so /openapi.json) says,
+    but msgspec's strict mode wants it spelled 2. Only the field msgspec names is converted,
+    one field at a time: converting the whole body would turn an untyped or float sibling's
+    2.0 into 2, so a value's type would depend on the fields beside it. A conversion that does
+    not help that field leaves the refusal as the client's values caused it.
+    """
+    args = decode_object(body)
+    converted: set[str] = set()
+    while "got `float`" in str(error):
+        field = _top_field(error)
+        if field is None or field in converted or field not in args:
+            break
+        converted.add(field)
+        trial = {**args, field: _whole_floats_as_ints(args[field])}
+        try:
+            return fn.decode_args(msgspec.json.encode(trial))
+        except msgspec.ValidationError as retry:
+            if _top_field(retry) == field:
+                # Still refused there. A float now is one that was not whole, as it was sent;
+                # any other refusal may be about a value made here, so the earlier one stands.
+                if "got `float`" in str(retry):
+                    error = retry
+                break
+            args, error = trial, retry
+    raise GatewayError(422, "invalid_arguments", str(error)) from None
+
+
+def _top_field(error: msgspec.ValidationError) -> str | None:
+    """The argument a msgspec error is about: `n` for "... - at `$.n`" or "`$.n[0].qty`"."""
+    found = re.search(r" - at `\$\.(\w+)", str(error))
+    return found[1] if found else None
 
 
 def _whole_floats_as_ints(value: Any) -> Any:
@@ -1127,7 +1203,7 @@ def create_app(
     if security is None and settings.auth != "off":
         security = build_security(settings)
     loaded_at = time.time()
-    app = Gateway(settings, load_modules(modules, settings.packages), security, modules)
+    app = Gateway(settings, _load_in_thread(modules, settings.packages).result(), security, modules)
     app.loaded_at = loaded_at
     return app
 
@@ -1315,10 +1391,11 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
             os.unlink(importlib.util.cache_from_source(str(root.resolve().joinpath(*p))))
     previous = gateway.catalog
     if folders or any(s.startswith("_") for p in parts for s in p):
-        catalog = await asyncio.to_thread(load_modules, root, gateway.settings.packages, previous=previous)
+        loading = _load_in_thread(root, gateway.settings.packages, previous=previous)
     else:
         changed = {str(root.joinpath(*p)) for p in parts}
-        catalog = await asyncio.to_thread(load_modules, root, previous=previous, changed=changed)
+        loading = _load_in_thread(root, previous=previous, changed=changed)
+    catalog = await asyncio.wrap_future(loading)
     gateway.catalog = catalog
     gateway.reloads += 1
     if gateway.metrics is not None:

@@ -132,3 +132,19 @@ def test_json_msgspec_refuses_with_python_errors_is_a_400(fns: dict, body: bytes
     with pytest.raises(gateway.GatewayError) as info:
         gateway.decode_object(body)  # POST /rest/ reads funcName with it
     assert (info.value.status, info.value.code) == (400, "bad_json")
+
+
+def test_a_whole_float_becomes_an_int_only_where_an_int_is_wanted(fns: dict) -> None:
+    # Untyped, Any and float arguments keep the 2.0 they were sent, whatever a sibling needed:
+    # converting the whole body made their type depend on the fields beside them.
+    fns = {**fns, **gateway.load_modules(FIXTURES / "binding").functions}
+    for body in ({"x": 2.0, "n": 3.0}, {"x": 2.0, "n": 3}):
+        args = bind(fns["anyf"], body)
+        assert (args, type(args["x"]), type(args["n"])) == ({"x": 2.0, "n": 3}, float, int)
+    args = bind(fns["tally"], {"counts": [1.0, 2], "label": 4.0, "ratio": 2.0})
+    assert args == {"counts": [1, 2], "label": 4.0, "ratio": 2.0}
+    assert [type(args[k]) for k in ("label", "ratio")] == [float, float]
+    # A float that is not whole is the one named, not the whole one before it.
+    assert refused(fns["tally"], {"counts": [1.0, 2.5]})[2] == "Expected `int`, got `float` - at `$.counts[1]`"
+    # Once 2.0 is read as 2, the refusal names the argument that is really wrong.
+    assert refused(fns["add"], {"a": 2.0, "b": "3"})[2] == "Expected `int`, got `str` - at `$.b`"

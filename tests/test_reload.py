@@ -64,6 +64,24 @@ def test_a_change_that_takes_another_modules_name_is_refused(tmp_path: Path) -> 
     assert [r.reason for r in second.refused] == [f"`alpha` is already exposed by {tmp_path / 'a.py'}"]
 
 
+def test_a_refusal_is_tried_again_once_the_name_it_wanted_is_free(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text(module(1, "alpha"))
+    (tmp_path / "b.py").write_text(
+        '__all_exposed__ = ["alpha", "beta"]\n\n\n'
+        "def alpha() -> int:\n    return 2\n\n\n"
+        "def beta() -> int:\n    return 2\n"
+    )
+    first = gateway.load_modules(tmp_path)
+    assert [r.reason for r in first.refused] == [f"`alpha` is already exposed by {tmp_path / 'a.py'}"]
+    (tmp_path / "a.py").write_text(module(3, "alpha"))  # edited, still exposing alpha: a.py keeps it
+    second = gateway.load_modules(tmp_path, previous=first, changed={str(tmp_path / "a.py")})
+    assert (second.functions["alpha"].func(), "beta" in second.functions, second.refused) == (3, False, first.refused)
+    (tmp_path / "a.py").write_text(module(4, "gamma"))  # alpha is free: b.py, untouched, loads whole
+    third = gateway.load_modules(tmp_path, previous=second, changed={str(tmp_path / "a.py")})
+    assert third.refused == ()
+    assert {name: fn.func() for name, fn in third.functions.items()} == {"gamma": 4, "alpha": 2, "beta": 2}
+
+
 def test_reloads_do_not_pile_up_in_sys_modules(tmp_path: Path) -> None:
     (tmp_path / "a.py").write_text(module(0))
     catalog = gateway.load_modules(tmp_path)
@@ -216,3 +234,18 @@ def test_a_folder_moved_out_or_in_takes_its_modules_with_it(tmp_path: Path, serv
     wait_for(lambda: gw.post("/rest/inner").status_code == 404, seconds=5)
     (elsewhere / "sub").rename(folder / "sub")
     wait_for(lambda: gw.post("/rest/inner").status_code == 200, seconds=5)
+
+
+def test_start_up_imports_modules_as_a_reload_does(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    # Start-up imported in the main thread, reloads in a worker: a module that takes the event
+    # loop at import loaded at start, then every save of it was refused. Now both refuse it.
+    loopy = 'import asyncio\n\nLOOP = asyncio.get_event_loop()\n' + module(1, "loopy")
+    (tmp_path / "loopy.py").write_text(loopy)
+    reason = "RuntimeError: There is no current event loop in thread 'gateway-load'."
+    gw = serve(gateway.create_app(tmp_path, auth="off"))
+    assert gw.client.get("/healthz").json()["refused"] == [{"module": str(tmp_path / "loopy.py"), "reason": reason}]
+    time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher is up
+    (tmp_path / "loopy.py").write_text(loopy.replace("return 1", "return 2"))
+    wait_for(lambda: gw.app.reloads >= 1, seconds=5)
+    assert gw.client.get("/healthz").json()["refused"] == [{"module": str(tmp_path / "loopy.py"), "reason": reason}]
+    assert gw.post("/rest/loopy").status_code == 404
