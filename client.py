@@ -419,6 +419,8 @@ class Client:
             elif lowered == "content-type":
                 content_types.append(value)
         if not tokens and status in _UNSIGNED_HINTS:
+            if status == 401:
+                self._adopt_stored()
             cls, code, message = _UNSIGNED_HINTS[status]
             raise cls(status, code, message)
         forged = ResponseForged(status, "response_forged", "the answer is not signed by the gateway; body not used")
@@ -506,8 +508,27 @@ class Client:
                 raise ValueError("it now holds another credential")
             else:
                 updated = on_disk
-        self._cred = updated
-        kids = {updated.kid} | ({updated.next.kid} if isinstance(updated.next, RotatedKey) else set())
+        self._adopt(updated)
+
+    def _adopt_stored(self) -> None:
+        """After an unsigned 401: take the file's keys if another Client or process moved on.
+
+        A Client idle past a rotation's grace period signs with a retired key, and every call
+        gets an unsigned 401, while the shared file holds the newer key. The refused call is not
+        retried (an unsigned 401 can be forged after the call ran); the next one signs with what
+        is stored. Anyone can send an unsigned 401, so this only ever reads our own file.
+        """
+        try:
+            with _locked(self._path):
+                on_disk = read_credential(self._path)
+        except (OSError, ValueError):
+            return
+        if (on_disk.url, on_disk.tid) == (self._cred.url, self._cred.tid):
+            self._adopt(on_disk)
+
+    def _adopt(self, credential: Credential) -> None:
+        self._cred = credential
+        kids = {credential.kid} | ({credential.next.kid} if isinstance(credential.next, RotatedKey) else set())
         for kid in self._keys.keys() - kids:
             del self._keys[kid]
 

@@ -56,6 +56,7 @@ async function useKeys(keys) {
       if (stored.tid === updated.tid) showKeys(stored);
       return stored;
     },
+    onStale: () => store.load(SLOT),
   };
   client = new Client(keys, persist || {});
   showKeys(keys);

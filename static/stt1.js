@@ -773,6 +773,7 @@ export class KeyStore {
     return {
       onRotate: (rk, updated, before) => this.swap(before, updated, slot),
       onPromote: (updated, before) => this.swap(before, updated, slot),
+      onStale: () => this.load(slot),
     };
   }
 
@@ -842,7 +843,8 @@ function results(status, body) {
  * options: fetch (default globalThis.fetch), clock (() => Unix SECONDS, like Python's
  * time.time; default Date.now() / 1000), timeout (seconds, default 10),
  * onRotate(rk, updated, before) and onPromote(updated, before) (persistence, see #storeNext /
- * #promote; KeyStore.hooks gives both): each may return the keys storage holds afterwards.
+ * #promote; KeyStore.hooks gives both): each may return the keys storage holds afterwards;
+ * onStale() returns the stored keys, read after an unsigned 401 (see #adoptStored).
  * Calls may run concurrently: each keeps the keys it signed with to check its own answer.
  */
 export class Client {
@@ -852,12 +854,13 @@ export class Client {
   #timeout;
   #onRotate;
   #onPromote;
+  #onStale;
   #offset = 0; // learned only from the iat of verified responses (PROTOCOL.md 4)
   #keys = new Map(); // kid -> Promise<[c2s, s2c]>
   #storing = null;
   #promoting = false;
 
-  constructor(credentialKeys, { fetch, clock, timeout = 10, onRotate, onPromote } = {}) {
+  constructor(credentialKeys, { fetch, clock, timeout = 10, onRotate, onPromote, onStale } = {}) {
     checkCredentialKeys(credentialKeys);
     this.#cred = credentialKeys;
     this.#fetch = fetch || globalThis.fetch.bind(globalThis); // unbound window.fetch throws
@@ -866,6 +869,7 @@ export class Client {
     this.#timeout = timeout;
     this.#onRotate = onRotate;
     this.#onPromote = onPromote;
+    this.#onStale = onStale;
   }
 
   /** Convenience: importCredential(json) then new Client(keys, options). */
@@ -974,6 +978,7 @@ export class Client {
     const receivedAt = this.#clock();
     const token = headers.get("stt1-response");
     if (token === null && UNSIGNED_HINTS[status]) {
+      if (status === 401) await this.#adoptStored();
       const [Cls, code, message] = UNSIGNED_HINTS[status];
       throw new Cls(status, code, message);
     }
@@ -1063,6 +1068,24 @@ export class Client {
    * which are newer than ours, so we sign with them too. A hook that returns no object stored
    * what it was given. Another credential is not adopted, nor anything if ours changed meanwhile.
    */
+  /**
+   * After an unsigned 401: take the stored keys if another tab moved on (onStale, see
+   * KeyStore.hooks). A tab idle past a rotation's grace period signs with a retired key while
+   * storage holds the newer one. The refused call is not retried (an unsigned 401 can be
+   * forged after the call ran); the next call signs with what is stored.
+   */
+  async #adoptStored() {
+    if (!this.#onStale) return;
+    const before = this.#cred;
+    let stored;
+    try {
+      stored = await this.#onStale();
+    } catch {
+      return;
+    }
+    if (isObject(stored)) this.#adopt(before, stored);
+  }
+
   #adopt(before, stored) {
     if (this.#cred !== before || stored.url !== before.url || stored.tid !== before.tid) return;
     try {

@@ -535,6 +535,22 @@ def test_a_client_sharing_the_file_never_writes_back_an_older_key(tmp_path: Path
     assert KID not in b._keys and KID_NEXT not in b._keys
 
 
+def test_a_client_left_behind_takes_the_stored_key_after_an_unsigned_401(tmp_path: Path, clock: FakeClock) -> None:
+    path = write_cred(tmp_path / "acme.cred")
+    a, b = c.Client(path, clock=clock), c.Client(path, clock=clock)
+    _promoted_by(a, K, KID, rk=RK)  # A is sent kid1 and stores it ...
+    _promoted_by(a, K_NEXT, KID_NEXT)  # ... and promotes it, while B sits idle
+    assert footer_of(b._prepare_call("add", {})).kid == KID  # kid0: retired once the grace is over
+    with pytest.raises(c.Unauthorized):
+        b._verify(b._prepare_call("add", {}), 401, [("Content-Type", "application/json")], b"{}")
+    assert footer_of(b._prepare_call("add", {})).kid == KID_NEXT  # the next call signs with the stored key
+    assert KID not in b._keys
+    path.write_text("not a credential")  # an unreadable file changes nothing
+    with pytest.raises(c.Unauthorized):
+        b._verify(b._prepare_call("add", {}), 401, [], b"")
+    assert footer_of(b._prepare_call("add", {})).kid == KID_NEXT
+
+
 def test_a_rotated_key_is_not_written_over_a_file_changed_meanwhile(tmp_path: Path, clock: FakeClock) -> None:
     path = write_cred(tmp_path / "acme.cred")
     a, b = c.Client(path, clock=clock), c.Client(path, clock=clock)

@@ -178,6 +178,36 @@ console.log(JSON.stringify({ signedWith, replaced, kid: client.kid }));
 """
 
 
+STALE = """
+import * as stt1 from "%(module)s";
+const cred = %(cred)s, newerCred = %(newer)s;
+const signedWith = [];
+async function fetch(url, init) {  // the gateway once the grace period is over: kid0 is retired
+  signedWith.push(stt1.parse(init.headers.Authorization.slice(5)).footer.kid);
+  return new Response("{}", { status: 401, headers: { "Content-Type": "application/json" } });
+}
+const newer = await stt1.importCredential(newerCred);
+const client = new stt1.Client(await stt1.importCredential(cred), { fetch, onStale: async () => newer });
+const errors = [];
+for (let i = 0; i < 2; i++) {
+  try { await client.call("add", null, { a: 1, b: 1 }); } catch (err) { errors.push(err.constructor.name); }
+}
+console.log(JSON.stringify({ signedWith, errors, kid: client.kid }));
+"""
+
+
+def test_the_javascript_client_left_behind_takes_the_stored_key_after_an_unsigned_401(tmp_path: Path) -> None:
+    newer = {**CRED, "kid": "MDEyMzQ1Njc4OTo7PD0-Pw", "k": security.b64encode(bytes([7]) * 32)}
+    script = tmp_path / "stale.mjs"
+    module = (ROOT / "static" / "stt1.js").as_uri()
+    script.write_text(STALE % {"module": module, "cred": json.dumps(CRED), "newer": json.dumps(newer)})
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["errors"] == ["Unauthorized", "Unauthorized"]  # never retried by the client itself
+    assert out["signedWith"] == [CRED["kid"], newer["kid"]] and out["kid"] == newer["kid"]
+
+
 def test_the_javascript_client_adopts_newer_keys_its_hook_found_stored(tmp_path: Path) -> None:
     kid0, kid1, kid2 = CRED["kid"], "ICEiIyQlJicoKSorLC0uLw", "MDEyMzQ1Njc4OTo7PD0-Pw"
     secrets = {kid0: CRED["k"], kid1: security.b64encode(bytes(32)), kid2: security.b64encode(bytes([7]) * 32)}
