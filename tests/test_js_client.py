@@ -8,11 +8,23 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import client
 import gateway_app as gateway
 import security
 from conftest import FIXTURES, ROOT, secured_server
+
+
+def run_node(tmp_path: Path, source: str, **values: object) -> Any:
+    """Run ``source`` in node, with ``%(module)s`` the URL of stt1.js and each of ``values`` as
+    JSON in its own placeholder; return the JSON the script prints."""
+    script = tmp_path / "script.mjs"
+    fields = {"module": (ROOT / "static" / "stt1.js").as_uri(), **{k: json.dumps(v) for k, v in values.items()}}
+    script.write_text(source % fields)
+    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_the_vectors_pass_in_the_javascript_client() -> None:
@@ -91,13 +103,7 @@ console.log(JSON.stringify({ skews, results }));
 
 
 def test_a_slow_answer_teaches_the_javascript_client_no_offset(tmp_path: Path) -> None:
-    script = tmp_path / "offset.mjs"
-    module = (ROOT / "static" / "stt1.js").as_uri()
-    delays = [0.5, 54, 0.5, 10, 0.5]
-    script.write_text(OFFSET % {"module": module, "cred": json.dumps(CRED), "delays": json.dumps(delays)})
-    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = run_node(tmp_path, OFFSET, cred=CRED, delays=[0.5, 54, 0.5, 10, 0.5])
     assert out["results"] == [1, 2, 3, 4, 5]  # every answer verified and used, the slow one too
     # 1: no offset yet. 2: learned from a 0.5 s round trip. 3: after the answer that took 54 s
     # the offset stands (it was -54.5 before: refused by the gateway, and every call after it).
@@ -125,12 +131,7 @@ def test_both_clients_accept_the_same_credential_urls(tmp_path: Path) -> None:
     urls = ["http://127.0.0.1:8000", "https://api.example.com", "http://[::1]:8000", "http://x:99999",
             "HTTP://127.0.0.1:8000", "http://127.0.0.1:8000?", "http://127.0.0.1:8000#", "http://127.0.0.1:8\t000",
             "http://127.0.0.1:8000\n", " http://x", "http://x\\y", "http://x\ufeff", "http://u@x", "http://x/"]
-    script = tmp_path / "urls.mjs"
-    module = (ROOT / "static" / "stt1.js").as_uri()
-    script.write_text(URLS % {"module": module, "cred": json.dumps(CRED), "urls": json.dumps(urls)})
-    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    in_js = json.loads(done.stdout)
+    in_js = run_node(tmp_path, URLS, cred=CRED, urls=urls)
     in_python = []
     for url in urls:
         path = tmp_path / "c.cred"
@@ -198,12 +199,7 @@ console.log(JSON.stringify({ signedWith, errors, kid: client.kid }));
 
 def test_the_javascript_client_left_behind_takes_the_stored_key_after_an_unsigned_401(tmp_path: Path) -> None:
     newer = {**CRED, "kid": "MDEyMzQ1Njc4OTo7PD0-Pw", "k": security.b64encode(bytes([7]) * 32)}
-    script = tmp_path / "stale.mjs"
-    module = (ROOT / "static" / "stt1.js").as_uri()
-    script.write_text(STALE % {"module": module, "cred": json.dumps(CRED), "newer": json.dumps(newer)})
-    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = run_node(tmp_path, STALE, cred=CRED, newer=newer)
     assert out["errors"] == ["Unauthorized", "Unauthorized"]  # never retried by the client itself
     assert out["signedWith"] == [CRED["kid"], newer["kid"]] and out["kid"] == newer["kid"]
 
@@ -212,12 +208,6 @@ def test_the_javascript_client_adopts_newer_keys_its_hook_found_stored(tmp_path:
     kid0, kid1, kid2 = CRED["kid"], "ICEiIyQlJicoKSorLC0uLw", "MDEyMzQ1Njc4OTo7PD0-Pw"
     secrets = {kid0: CRED["k"], kid1: security.b64encode(bytes(32)), kid2: security.b64encode(bytes([7]) * 32)}
     cred = {**CRED, "next": {"kid": kid1, "k": secrets[kid1]}}
-    script = tmp_path / "adopt.mjs"
-    module = (ROOT / "static" / "stt1.js").as_uri()
-    script.write_text(ADOPT % {"module": module, "cred": json.dumps(cred), "secrets": json.dumps(secrets),
-                               "kid2": json.dumps(kid2)})
-    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+    out = run_node(tmp_path, ADOPT, cred=cred, secrets=secrets, kid2=kid2)
     assert out["replaced"] == [[kid0, kid1, kid1]]  # the hook is told what it replaces
     assert out["signedWith"] == [kid1, kid2] and out["kid"] == kid2  # then the stored keys sign
