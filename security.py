@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated, Any, NamedTuple, NoReturn
 
 import msgspec
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
 from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -804,12 +805,14 @@ def _otp_timecode(secret: str, code: str, now: float) -> int | None:
     return matched
 
 
-def load_master_key(db_path: str | os.PathLike[str]) -> bytes:
+def load_master_key(db_path: str | os.PathLike[str], may_create: bool = True) -> bytes:
     """The key that encrypts credentials at rest.
 
     From GATEWAY_MASTER_KEY (base64url of 32 bytes) when set, so it can live in a secret
-    manager; otherwise from ``<db>.key``, created once with mode 0600. Losing it makes
-    every stored credential unreadable: back it up apart from the database.
+    manager; otherwise from ``<db>.key``, created with mode 0600 only when ``may_create`` (the
+    keystore holds no credential yet). Losing it makes every stored credential unreadable:
+    back it up apart from the database. A new key beside credentials sealed under the old one
+    would make that silent and permanent, so then this refuses instead.
     """
     from_env = os.environ.get("GATEWAY_MASTER_KEY")
     if from_env:
@@ -821,19 +824,46 @@ def load_master_key(db_path: str | os.PathLike[str]) -> bytes:
             raise ValueError("GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
         return key
     path = f"{os.fspath(db_path)}.key"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        with open(path, "rb") as file:
-            key = b64decode(file.read().decode("ascii").strip())
-        if len(key) != 32:
-            raise ValueError(f"{path} does not hold a 32-byte master key") from None
-        return key
+    existing = _read_master_key(path)
+    if existing is not None:
+        return existing
+    if not may_create:
+        raise ValueError(
+            f"no master key: {path} is missing and GATEWAY_MASTER_KEY is not set, but the keystore "
+            "holds credentials (or cannot be read to tell): restore the key file or set the variable. "
+            "A new key would leave every stored credential unreadable"
+        )
+    # Whole or not at all: a crash or a full disk between creating the file and writing it
+    # would leave an empty key file that every later start refuses. So the key is written to a
+    # temporary file, synced, and linked into place, which fails if another process won.
     key = os.urandom(32)
-    with os.fdopen(fd, "wb") as file:
-        file.write(b64encode(key).encode("ascii") + b"\n")
-        file.flush()
-        os.fsync(file.fileno())
+    tmp = f"{path}.{os.getpid()}.{new_jti()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(b64encode(key).encode("ascii") + b"\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return _read_master_key(path) or key  # another process made it first: that one counts
+    finally:
+        os.unlink(tmp)
+    return key
+
+
+def _read_master_key(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            text = file.read()
+    except FileNotFoundError:
+        return None
+    try:
+        key = b64decode(text.decode("ascii").strip())
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError(f"{path} does not hold a 32-byte master key")
     return key
 
 
@@ -879,7 +909,6 @@ class Keystore:
     ) -> None:
         self.path = os.fspath(path)
         self.clock = clock
-        self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path))
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm follow its mode
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=ADMIN_WAIT)
@@ -887,7 +916,24 @@ class Keystore:
         self._db.execute("PRAGMA synchronous=FULL")  # keys are few and precious: every commit durable
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        sealed = self._db.execute("SELECT tid, kid, secret FROM credentials LIMIT 1").fetchone()
+        self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path, sealed is None))
+        self._check_master_key(sealed)
         self._init_cache()
+
+    def _check_master_key(self, sealed: tuple[str, str, bytes] | None) -> None:
+        """Open one stored credential now: a wrong master key is refused at start, in words,
+        not found later as a failure of every call."""
+        if sealed is None:
+            return
+        tid, kid, secret = sealed
+        try:
+            self._open("key", f"{tid}\x00{kid}", secret)
+        except InvalidTag:
+            raise ValueError(
+                f"the master key does not open the credentials in {self.path}: "
+                "a wrong GATEWAY_MASTER_KEY, or the key file of another keystore?"
+            ) from None
 
     def _init_cache(self) -> None:
         """The request path's view of the store (see snapshot), shared by both backends."""
@@ -1128,7 +1174,11 @@ class Keystore:
             if state == "retired":  # its K is never decrypted again
                 retired.add((tid, kid))
                 continue
-            k = self._open("key", f"{tid}\x00{kid}", sealed)
+            try:
+                k = self._open("key", f"{tid}\x00{kid}", sealed)
+            except InvalidTag:  # sealed under another master key: refuse this one, not every call
+                log.error("ALERT keystore: kid %s of tenant %s does not open with this master key", kid, tid)
+                continue
             keys[(tid, kid)] = CachedKey(tid, kid, k, state, retire_at)
             if state == "pending" and parent:
                 successors[parent] = RotatedKey(kid=kid, k=b64encode(k))
@@ -1173,9 +1223,18 @@ class RedisKeystore(Keystore):
 
         self.path = url
         self.clock = clock
-        self._aead = AESGCM(master_key if master_key is not None else load_master_key(key_file_base))
         self._redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._init_cache()
+        try:
+            doc: dict[str, Any] | None = self._reading()
+        except KeystoreUnavailable:
+            doc = None  # down for now: start, answer 503 until it is back; but make no key without it
+        first = None if doc is None else next(iter(doc["credentials"].items()), None)
+        may_create = doc is not None and first is None
+        self._aead = AESGCM(master_key if master_key is not None else load_master_key(key_file_base, may_create))
+        if first is not None:
+            kid, credential = first
+            self._check_master_key((credential["tid"], kid, b64decode(credential["secret"])))
 
     def close(self) -> None:
         self._redis.close()

@@ -218,6 +218,19 @@ def test_both_keystores_share_the_otp_lock_between_hosts(keystores) -> None:  # 
     assert one.check_otp("acme", totp.at(clock.now), clock.now)
 
 
+def test_a_host_without_the_master_key_makes_none_for_a_redis_keystore_in_use(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    first = s.RedisKeystore(redis_server.url, key_file_base=str(tmp_path / "admin.db"))  # empty: makes a key
+    first.add_tenant("acme")
+    assert (tmp_path / "admin.db.key").exists()
+    with pytest.raises(ValueError, match="no master key"):  # another shell, without GATEWAY_MASTER_KEY
+        s.RedisKeystore(redis_server.url, key_file_base=str(tmp_path / "other.db"))
+    assert not (tmp_path / "other.db.key").exists()
+    with pytest.raises(ValueError, match="does not open the credentials"):
+        s.RedisKeystore(redis_server.url, master_key=os.urandom(32))
+
+
 def test_the_redis_keystore_holds_no_secret_in_clear(redis_server: RedisServer) -> None:
     keystore = s.RedisKeystore(redis_server.url, os.urandom(32))
     _, k = keystore.add_tenant("acme")

@@ -873,10 +873,33 @@ def test_secrets_never_reach_logs_reprs_or_bodies(stack: Stack, caplog, tmp_path
 
 
 def test_a_wrong_master_key_cannot_read_the_keystore(stack: Stack, tmp_path: Path) -> None:
-    intruder = s.Keystore(tmp_path / "gw.db", master_key=os.urandom(32))
-    with pytest.raises(Exception, match="InvalidTag|"):
-        intruder.snapshot()
+    with pytest.raises(ValueError, match="the master key does not open the credentials in"):
+        s.Keystore(tmp_path / "gw.db", master_key=os.urandom(32))
     assert oct((tmp_path / "gw.db.key").stat().st_mode)[-3:] == "600"
+
+
+def test_a_lost_key_file_is_never_replaced_while_the_keystore_holds_credentials(tmp_path: Path) -> None:
+    s.Keystore(tmp_path / "gw.db").add_tenant("acme")  # the key file is made for the empty keystore
+    key_file = tmp_path / "gw.db.key"
+    assert len(s.b64decode(key_file.read_text().strip())) == 32 and oct(key_file.stat().st_mode)[-3:] == "600"
+    assert sorted(p.name for p in tmp_path.iterdir() if ".key" in p.name) == ["gw.db.key"]  # no temporary left
+    key_file.unlink()  # a backup restored without it, say
+    with pytest.raises(ValueError, match="no master key: .*gw.db.key is missing"):
+        s.Keystore(tmp_path / "gw.db")
+    assert not key_file.exists()  # a new key would have sealed new credentials beside unreadable old ones
+
+
+def test_a_credential_sealed_under_another_master_key_is_refused_alone(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    keystore = s.Keystore(tmp_path / "gw.db", master_key=bytes(32))
+    acme_kid, _ = keystore.add_tenant("acme")
+    globex_kid, _ = keystore.add_tenant("globex")
+    with sqlite3.connect(tmp_path / "gw.db") as db:  # as if written by a gateway with another master key
+        db.execute("UPDATE credentials SET secret = ? WHERE kid = ?", (os.urandom(60), globex_kid))
+    keystore.clock = lambda: time.time() + 5  # past the cache's 1 s
+    with caplog.at_level(logging.ERROR, logger="gateway.security"):
+        keys = keystore.snapshot().keys
+    assert ("acme", acme_kid) in keys and ("globex", globex_kid) not in keys  # acme keeps working
+    assert f"ALERT keystore: kid {globex_kid} of tenant globex does not open" in caplog.text
 
 
 def test_a_failed_change_leaves_the_keystore_as_it_was(stack: Stack) -> None:
