@@ -798,12 +798,25 @@ class Gateway:
         if self.exit_grace is not None:
             _end_process_after(self.exit_grace)
 
-    async def _rotate_by_policy(self, keystore: Keystore) -> None:
-        """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials."""
+    async def _rotate_by_policy(self, keystore: Keystore, every: float = 3600.0, retry: float = 60.0) -> None:
+        """Rotation policy (PROTOCOL.md 5.1): hourly, a pending successor for old credentials.
+
+        A failed pass (keystore locked or read-only, Redis down) is logged and tried again
+        ``retry`` seconds later: one bad moment must not end the policy for the process's life.
+        """
         while True:
-            for tid, old, new in await asyncio.to_thread(keystore.rotate, older_than_days=self.settings.rotate_days):
+            try:
+                made = await asyncio.to_thread(keystore.rotate, older_than_days=self.settings.rotate_days)
+            except Exception as exc:
+                # A store that is locked, read-only, full or unreachable is expected now and then;
+                # anything else is a bug: it gets its traceback, and the policy still goes on.
+                expected = isinstance(exc, (sqlite3.Error, OSError))
+                log.error("rotation policy failed, trying again in %g s: %s", retry, exc, exc_info=not expected)
+                await asyncio.sleep(retry)
+                continue
+            for tid, old, new in made:
                 log.info("rotation policy: tenant %s kid %s gets successor %s", tid, old, new)
-            await asyncio.sleep(3600)
+            await asyncio.sleep(every)
 
     async def _rest(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -1219,6 +1232,14 @@ def open_keystore(settings: Settings) -> Keystore:
 
 def build_security(settings: Settings) -> Security:
     keystore = open_keystore(settings)
+    if settings.keystore and settings.replay == "memory":
+        # Allowed (one host may keep its keystore in Redis), but a shared keystore usually means
+        # several hosts, and each in-memory store knows only the tokens its own host has seen.
+        log.warning(
+            "--keystore %s is shared but --replay memory is not: with several hosts, a token used on one "
+            "can be replayed once on each other host within 45 s; give them --replay redis://...",
+            settings.keystore,
+        )
     return Security(keystore, open_replay_store(settings.replay, settings.db), settings.audience)
 
 
@@ -1660,6 +1681,9 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise SystemExit(_fail(f"cannot listen on {host}:{port}: {exc.strerror}")) from None
+    except OverflowError:  # serve(app, port=...) from a script: main() checks --port before this
+        sock.close()
+        raise SystemExit(_fail(f"cannot listen on {host}:{port}: a port is 0-65535")) from None
     sock.set_inheritable(True)
     return sock
 
@@ -1672,6 +1696,8 @@ def _fail(message: str) -> int:
 def app_from_env() -> Gateway:
     """The factory each worker process calls (``--workers N``): settings come from GATEWAY_*."""
     settings = _settings(_parser().parse_args([]))
+    if (problem := _bad_setting(settings)) is not None:
+        raise SystemExit(_fail(problem))
     _configure_logging(settings.log_level)
     app = create_app(settings.modules, settings=settings)
     app.exit_grace = EXIT_GRACE
@@ -1691,7 +1717,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("rate", float, "calls per second per tenant and function, unless its entry sets rate (0: no limit)"),
     ("max_result", int, "largest result in bytes, encoded; a bigger one is a 500"),
     ("concurrency", int, "calls in progress (per process) before 503"),
-    ("log_level", str, "debug, info, warning or error"),
+    ("log_level", str, "debug, info, warning, error or critical"),
     ("auth", str, "stt1 (tokens required) or off (open: benchmarks and trusted loopback only)"),
     ("public_url", str, "the origin clients call, bound into every token (default http://HOST:PORT)"),
     ("replay", str, "replay store: memory (one process), sqlite (beside the db), sqlite:///path, redis://..."),
@@ -1763,7 +1789,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> Settings:
     fields = {name: getattr(args, name) for name, _, _ in _OPTIONS}
+    fields["log_level"] = fields["log_level"].lower()  # "INFO" is fine, as uvicorn and logging read it
     return Settings(packages=tuple(args.package), reload=args.reload, metrics=args.metrics, **fields)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _bad_setting(settings: Settings) -> str | None:
+    """What is wrong with the settings every command uses (a tenant's URL holds the port), if anything.
+
+    Checked before logging is set up: a bad value is a start-up failure (exit 3), which systemd
+    does not restart, rather than a traceback from deep in uvicorn that it restarts for ever.
+    """
+    if settings.log_level not in LOG_LEVELS:
+        return f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"
+    if not 0 <= settings.port <= 65535:
+        return f"--port must be 0-65535, not {settings.port}"
+    return None
 
 
 def _configure_logging(level: str) -> None:
@@ -1779,7 +1822,60 @@ def _credential(settings: Settings, kid: str, k: bytes, tid: str) -> Credential:
     return Credential(stt=1, url=settings.audience, tid=tid, kid=kid, k=b64encode(k))
 
 
+class CredentialNotWritten(Exception):
+    """A credential file could not be written; the message says what became of its key."""
+
+
+def _cannot_write(out: str) -> str | None:
+    """Why a credential file cannot be created at ``out``, found without changing anything."""
+    import tempfile
+
+    if os.path.isdir(out):
+        return f"cannot write {out}: it is a folder"
+    try:
+        # Just what write_credential does first: a new file beside the target.
+        fd, probe = tempfile.mkstemp(prefix=".gateway-probe.", dir=os.path.dirname(os.path.abspath(out)))
+    except OSError as exc:
+        return f"cannot write {out}: {exc.strerror}"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def _issue(keystore: Keystore, settings: Settings, tid: str, out: str, make: Callable[[], tuple[str, bytes]]) -> str:
+    """Make a credential with ``make`` and write it to ``out``: both, or no usable key left behind.
+
+    A key is only good in its file: one saved without it is a live secret nobody holds, and
+    for ``tenant add`` a retry would be refused. So the file is proven creatable before the
+    keystore changes (the usual mistakes then change nothing); if writing still fails (a full
+    disk), the key just made is revoked. The keystore cannot delete a tenant: after ``add``
+    the tenant stays, with no usable key, and ``tenant export`` gives it one.
+    """
+    if (problem := _cannot_write(out)) is not None:
+        raise CredentialNotWritten(f"{problem}; the keystore was not changed")
+    kid, k = make()
+    try:
+        write_credential(out, _credential(settings, kid, k, tid))
+    except OSError as exc:
+        failed = f"cannot write {out}: {exc.strerror or exc}"
+        try:
+            keystore.revoke(kid)
+        except (OSError, sqlite3.Error) as undo:
+            raise CredentialNotWritten(
+                f"{failed}; its key {kid} is in the keystore and revoking it failed ({undo}): "
+                f"run `gateway.py tenant revoke {kid}`"
+            ) from None
+        raise CredentialNotWritten(
+            f"{failed}; its key {kid} was revoked (`gateway.py tenant export {tid} --out FILE` issues another)"
+        ) from None
+    return kid
+
+
 def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
+    if not settings.keystore and args.action != "add" and not os.path.exists(settings.db):
+        # A mistyped --db or the wrong folder: opening it would create an empty keystore and a
+        # new master key, and answer "nothing here" as if that were the real one.
+        return _fail(f"no keystore at {settings.db} (check --db; `tenant add` creates one)")
     try:
         keystore = open_keystore(settings)
     except (ValueError, OSError, sqlite3.Error) as exc:
@@ -1787,13 +1883,11 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.action == "add":
             functions = None if args.functions is None else [f for f in args.functions.split(",") if f]
-            kid, k = keystore.add_tenant(args.name, functions)
             out = args.out or f"{args.name}-credential.json"
-            write_credential(out, _credential(settings, kid, k, args.name))
+            kid = _issue(keystore, settings, args.name, out, lambda: keystore.add_tenant(args.name, functions))
             print(f"tenant {args.name}: credential {kid} written to {out} (mode 0600; keep it secret)")
         elif args.action == "export":
-            kid, k = keystore.add_credential(args.name)
-            write_credential(args.out, _credential(settings, kid, k, args.name))
+            kid = _issue(keystore, settings, args.name, args.out, lambda: keystore.add_credential(args.name))
             print(f"tenant {args.name}: new credential {kid} written to {args.out} (mode 0600)")
         elif args.action == "list":
             for row in keystore.rows():
@@ -1814,7 +1908,7 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
 
             secret = keystore.otp_enroll(args.name)
             print(pyotp.TOTP(secret).provisioning_uri(name=args.name, issuer_name="gateway"))
-    except (ValueError, OSError) as exc:  # OSError: the shared keystore is unreachable
+    except (ValueError, OSError, CredentialNotWritten) as exc:  # OSError: the shared keystore is unreachable
         return _fail(str(exc))
     except sqlite3.Error as exc:  # locked, read-only or full: the change was rolled back
         return _fail(f"the keystore {settings.db} was not changed: {exc}")
@@ -1832,11 +1926,18 @@ def _token_command(args: argparse.Namespace) -> int:
         credential = read_credential(args.cred)
     except (OSError, ValueError) as exc:
         return _fail(f"cannot read the credential file: {exc}")
+    if not args.path.startswith("/"):
+        return _fail(f"the path must start with /, e.g. /rest/add (not {args.path!r})")
+    if args.otp is not None and not re.fullmatch(r"[0-9]{6}", args.otp):
+        return _fail("--otp must be the 6-digit code the authenticator app shows")
     body = (args.data or "").encode()
     content_type = b"application/json" if body else b""
-    token, _ = sign_request(
-        credential, args.method.upper(), args.path.encode(), content_type, body, time.time(), otp=args.otp
-    )
+    try:
+        token, _ = sign_request(
+            credential, args.method.upper(), args.path.encode(), content_type, body, time.time(), otp=args.otp
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
     command = [
         "curl",
         "-sS",
@@ -1853,10 +1954,15 @@ def _token_command(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_CREDENTIAL = "demo-credential.json"  # the first run writes it in the working folder
+
+
 def _first_run(settings: Settings, keystore: Keystore) -> None:
-    """No keystore yet: make one with a demo tenant, and show how to call the gateway."""
-    kid, k = keystore.add_tenant("demo")
-    write_credential("demo-credential.json", _credential(settings, kid, k, "demo"))
+    """No keystore yet: make one with a demo tenant, and show how to call the gateway.
+
+    Raises CredentialNotWritten if its credential file cannot be written (main checks first).
+    """
+    _issue(keystore, settings, "demo", DEMO_CREDENTIAL, lambda: keystore.add_tenant("demo"))
     python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
     body = '{"a": 1, "b": 2}'
     print(
@@ -1873,6 +1979,8 @@ def _first_run(settings: Settings, keystore: Keystore) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _settings(args)
+    if (problem := _bad_setting(settings)) is not None:
+        return _fail(problem)
     _configure_logging(settings.log_level)
     if args.command == "tenant":
         return _tenant_command(args, settings)
@@ -1891,12 +1999,21 @@ def main(argv: list[str] | None = None) -> int:
         if settings.workers > 1 and settings.replay == "memory":
             return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
         first_run = not settings.keystore and not Path(settings.db).exists()
+        # Before the keystore exists: a first run that cannot write the demo's file creates nothing.
+        if first_run and (problem := _cannot_write(os.path.abspath(DEMO_CREDENTIAL))) is not None:
+            return _fail(
+                f"first run: {problem}; start from a writable folder, "
+                "or create a tenant first with `gateway.py tenant add NAME --out FILE`"
+            )
         try:
             security = build_security(settings)  # proves the keystore, its master key and the store work
         except (ValueError, OSError, sqlite3.Error) as exc:
             return _fail(str(exc))
         if first_run:
-            _first_run(settings, security.keystore)
+            try:
+                _first_run(settings, security.keystore)
+            except CredentialNotWritten as exc:
+                return _fail(f"first run: {exc}")
     else:
         security = None
         log.warning("--auth off: /rest/ answers anyone who can reach %s", settings.audience)

@@ -100,6 +100,28 @@ def test_a_bad_setting_is_refused(tmp_path: Path) -> None:
     assert (result.returncode, result.stderr.strip()) == (3, "gateway: --timeout must be positive")
 
 
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--log-level", "warn"], {}, "--log-level must be one of debug, info, warning, error, critical, not 'warn'"),
+    (["--log-level", "verbose", "tenant", "list"], {},
+     "--log-level must be one of debug, info, warning, error, critical, not 'verbose'"),
+    ([], {"GATEWAY_LOG_LEVEL": "verbose"},
+     "--log-level must be one of debug, info, warning, error, critical, not 'verbose'"),
+    (["--port", "70000"], {}, "--port must be 0-65535, not 70000"),
+    (["--port", "-1"], {}, "--port must be 0-65535, not -1"),
+    ([], {"GATEWAY_PORT": "65536"}, "--port must be 0-65535, not 65536"),
+])
+def test_a_bad_log_level_or_port_is_a_startup_failure_not_a_traceback(
+    tmp_path: Path, args: list[str], env: dict[str, str], message: str
+) -> None:
+    """Exit 3, which systemd does not restart (RestartPreventExitStatus=3); a traceback is exit 1."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "gateway.py"), "--auth", "off", "--modules", str(FIXTURES / "e2e"), *args],
+        capture_output=True, text=True, timeout=20, cwd=tmp_path, env={**os.environ, **env},
+    )  # fmt: skip
+    assert (result.returncode, result.stderr.strip()) == (3, f"gateway: {message}")
+    assert os.listdir(tmp_path) == []
+
+
 def test_package_plugins_are_served(processes) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     env = {"PYTHONPATH": str(FIXTURES / "pkgs")}

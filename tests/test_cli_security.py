@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import pyotp
 import pytest
+from test_faults import fill, immutable, small_disk  # noqa: F401 (a fixture)
+from test_redis import RedisServer
 
 import security as s
-from conftest import ROOT, free_port
+from conftest import FIXTURES, ROOT, free_port
 
 
 def cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -26,6 +29,18 @@ def cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedP
         assert result.returncode == 0, result.stderr
     return result
 
+
+
+def wait_until_listening(process: subprocess.Popen[str], port: int, within: float) -> None:
+    """Until the gateway started as ``process`` accepts a connection on ``port``."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz")
+            return
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
 
 def test_tenant_add_writes_a_private_credential_file(tmp_path: Path) -> None:
     out = cli(tmp_path, "tenant", "add", "acme", "--functions", "add,echo").stdout
@@ -141,14 +156,7 @@ def test_workers_share_replay_protection_and_each_reload_modules(tmp_path: Path)
          "--db", str(tmp_path / "gw.db")], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 40
-        while True:
-            try:
-                if http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz") is None:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None
-                time.sleep(0.1)
+        wait_until_listening(process, port, within=40)
         time.sleep(1)
         cred = s.read_credential(tmp_path / "demo-credential.json")
 
@@ -180,3 +188,108 @@ def test_workers_share_replay_protection_and_each_reload_modules(tmp_path: Path)
         os.killpg(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
+
+
+def keys(tmp_path: Path) -> list[tuple[str, str]]:
+    """(tenant, state) of every key, read straight from the database."""
+    with sqlite3.connect(tmp_path / "gw.db") as db:
+        return sorted(db.execute("SELECT tid, state FROM credentials").fetchall())
+
+
+def test_a_credential_file_that_cannot_be_written_changes_nothing(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    added = cli(tmp_path, "tenant", "add", "beta", "--out", str(tmp_path / "nope" / "b.json"), check=False)
+    assert (added.returncode, added.stderr.strip()) == (
+        3, f"gateway: cannot write {tmp_path / 'nope' / 'b.json'}: No such file or directory; "
+        "the keystore was not changed")
+    exported = cli(tmp_path, "tenant", "export", "acme", "--out", "nope/a.json", check=False)
+    assert (exported.returncode, exported.stderr.strip()) == (
+        3, "gateway: cannot write nope/a.json: No such file or directory; the keystore was not changed")
+    folder = cli(tmp_path, "tenant", "export", "acme", "--out", ".", check=False)
+    assert (folder.returncode, folder.stderr.strip()) == (
+        3, "gateway: cannot write .: it is a folder; the keystore was not changed")
+    assert keys(tmp_path) == [("acme", "active")]  # no tenant beta, no key nobody holds
+    cli(tmp_path, "tenant", "add", "beta", "--out", "b.json")  # the retry is not "exists already"
+    assert s.read_credential(tmp_path / "b.json").tid == "beta"
+
+
+def test_a_credential_write_that_fails_late_revokes_the_key_it_made(tmp_path: Path, small_disk: Path) -> None:  # noqa: F811
+    """The file could be created, then the disk was full: the key just saved is revoked at once."""
+    cli(tmp_path, "tenant", "add", "acme")
+    fill(small_disk)
+    out = str(small_disk / "c.json")
+    for args in (("add", "beta"), ("export", "acme")):
+        failed = cli(tmp_path, "tenant", *args, "--out", out, check=False)
+        assert failed.returncode == 3 and failed.stderr.count("\n") == 1, failed.stderr
+        assert failed.stderr.startswith(f"gateway: cannot write {out}: No space left on device; its key ")
+        assert failed.stderr.strip().endswith(
+            f" was revoked (`gateway.py tenant export {args[1]} --out FILE` issues another)")
+    assert keys(tmp_path) == [("acme", "active"), ("acme", "retired"), ("beta", "retired")]
+    assert os.listdir(small_disk) == ["filler"]  # no temporary file left behind
+
+
+def test_a_first_run_in_a_read_only_folder_is_a_clean_startup_failure(tmp_path: Path) -> None:
+    (tmp_path / "modules").mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with immutable(cwd):  # not even root can create a file in it
+        result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "--db", str(tmp_path / "gw.db"),
+                                 "--modules", str(tmp_path / "modules")],
+                                capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert (result.returncode, result.stderr.strip()) == (
+        3, f"gateway: first run: cannot write {cwd / 'demo-credential.json'}: Operation not permitted; start from "
+        "a writable folder, or create a tenant first with `gateway.py tenant add NAME --out FILE`")
+    assert sorted(os.listdir(tmp_path)) == ["cwd", "modules"]  # no keystore with a demo nobody holds
+
+
+@pytest.mark.parametrize("action", [["list"], ["rotate", "acme"], ["revoke", "acme"],
+                                    ["export", "acme", "--out", "a.json"], ["otp-enroll", "acme"]])
+def test_tenant_commands_other_than_add_need_an_existing_keystore(tmp_path: Path, action: list[str]) -> None:
+    result = cli(tmp_path, "tenant", *action, check=False)
+    assert (result.returncode, result.stderr.strip()) == (
+        3, f"gateway: no keystore at {tmp_path / 'gw.db'} (check --db; `tenant add` creates one)")
+    assert os.listdir(tmp_path) == []  # neither a database nor a master key was created
+
+
+def test_token_refuses_a_malformed_code_or_path_clearly(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    cred = ["token", "--cred", "acme-credential.json", "POST"]
+    for args, message in [
+        (["/rest/add", "--otp", "12345"], "--otp must be the 6-digit code the authenticator app shows"),
+        (["/rest/add", "--otp", "12345a"], "--otp must be the 6-digit code the authenticator app shows"),
+        (["rest/add"], "the path must start with /, e.g. /rest/add (not 'rest/add')"),
+    ]:
+        result = cli(tmp_path, *cred, *args, check=False)
+        assert (result.returncode, result.stdout, result.stderr.strip()) == (3, "", f"gateway: {message}")
+
+
+def serve_briefly(tmp_path: Path, *args: str, env: dict[str, str]) -> str:
+    """Start `python gateway.py`, wait until it answers, stop it with Ctrl+C; its output."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "gateway.py"), "--port", str(port), "--modules", str(FIXTURES / "e2e"),
+         "--no-reload", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        wait_until_listening(process, port, within=30)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    return output
+
+
+def test_a_shared_keystore_with_a_per_process_replay_store_is_warned_about(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    keystore = redis_server.url.replace("/0", "/1")
+    env = {**os.environ, "GATEWAY_MASTER_KEY": s.b64encode(os.urandom(32))}
+    try:
+        memory = serve_briefly(tmp_path, "--keystore", keystore, env=env)  # --replay memory, the default
+        shared = serve_briefly(tmp_path, "--keystore", keystore, "--replay", redis_server.url, env=env)
+    finally:
+        redis_server.stop()
+    warning = (f"WARNING gateway: --keystore {keystore} is shared but --replay memory is not: with several hosts, "
+               "a token used on one can be replayed once on each other host within 45 s; give them "
+               "--replay redis://...")
+    assert warning in memory and "is shared but" not in shared, (memory, shared)

@@ -22,6 +22,7 @@ import functools
 import gc
 import http.client
 import json
+import logging
 import os
 import shutil
 import signal
@@ -694,6 +695,37 @@ def test_a_read_only_keystore_keeps_serving_and_refuses_changes_cleanly(tmp_path
     stack.clock.now += 1.5
     assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
     assert stack.call(successor).status == 200 and states(stack, "globex") == ["retiring", "active"]  # promoted
+
+
+def test_the_rotation_policy_outlives_a_failed_pass(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """--rotate-days: a pass that fails (here on a read-only keystore) is logged and tried again;
+    the policy goes on and rotates once the keystore can be written. The retry pause is a parameter."""
+    clock = Clock(T0)
+    db = tmp_path / "gw.db"
+    keystore = s.Keystore(db, clock=clock)
+    keystore.add_tenant("acme")
+    clock.now += 2 * 86400  # acme's key is now two days old
+    app = gateway.create_app(FIXTURES / "e2e", settings=gateway.Settings(rotate_days=1, reload=False),
+                             security=s.Security(keystore, s.MemoryReplayStore(clock=clock), "http://x", clock=clock))
+
+    async def until(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not done():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        with immutable(db, Path(f"{db}-wal")):
+            policy = asyncio.create_task(app._rotate_by_policy(keystore, retry=0.01))
+            await until(lambda: caplog.text.count("rotation policy failed, trying again in 0.01 s: ") >= 3)
+        await until(lambda: [row["state"] for row in keystore.rows()] == ["active", "pending"])
+        assert not policy.done()  # rotated, and waiting for the next hourly pass
+        policy.cancel()
+
+    with caplog.at_level(logging.INFO, logger="gateway"):
+        asyncio.run(scenario())
+    assert "rotation policy: tenant acme kid " in caplog.text
+    assert "Traceback" not in caplog.text  # an expected store failure is one line, not a stack
 
 
 @pytest.fixture
