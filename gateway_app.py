@@ -1454,11 +1454,14 @@ def _end_process_after(seconds: float) -> None:
 
 def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
     """Serve an app in this process until interrupted; exits with STARTUP_FAILURE if it cannot listen."""
+    settings = app.settings
+    _serve_on(app, _listen(host or settings.host, settings.port if port is None else port))
+
+
+def _serve_on(app: Gateway, sock: socket.socket) -> None:
     import uvicorn
 
-    settings = app.settings
-    sock = _listen(host or settings.host, settings.port if port is None else port)
-    config = _uvicorn_config(app, settings)
+    config = _uvicorn_config(app, app.settings)
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains, then re-raises the signal it caught: make SIGTERM end as cleanly as Ctrl+C.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -1995,9 +1998,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--rate must be 0 (no limit) or positive")
     if settings.auth not in ("stt1", "off"):
         return _fail("--auth must be stt1 or off")
+    if settings.auth == "stt1" and settings.workers > 1 and settings.replay == "memory":
+        return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
+    # The port first: a first run writes the demo credential for it, so a busy port must stop
+    # the start before anything is created (a second try would no longer be a first run).
+    sock = _listen(settings.host, settings.port)
     if settings.auth == "stt1":
-        if settings.workers > 1 and settings.replay == "memory":
-            return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
         first_run = not settings.keystore and not Path(settings.db).exists()
         # Before the keystore exists: a first run that cannot write the demo's file creates nothing.
         if first_run and (problem := _cannot_write(os.path.abspath(DEMO_CREDENTIAL))) is not None:
@@ -2022,7 +2028,7 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
         app.exit_grace = EXIT_GRACE
         log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
-        serve(app)
+        _serve_on(app, sock)
         return 0
     import uvicorn.supervisors
 
@@ -2030,7 +2036,6 @@ def main(argv: list[str] | None = None) -> int:
     for field in dataclasses.fields(Settings):
         value = getattr(settings, field.name)
         os.environ[_env_name(field.name)] = ",".join(value) if field.name == "packages" else str(value)
-    sock = _listen(settings.host, settings.port)
     config = _uvicorn_config("gateway_app:app_from_env", settings, factory=True, workers=settings.workers)
     log.info("serving %s on %s with %d workers", settings.modules, origin, settings.workers)
     with contextlib.ExitStack() as cleanup:

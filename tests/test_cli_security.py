@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -240,6 +241,19 @@ def test_a_first_run_in_a_read_only_folder_is_a_clean_startup_failure(tmp_path: 
         3, f"gateway: first run: cannot write {cwd / 'demo-credential.json'}: Operation not permitted; start from "
         "a writable folder, or create a tenant first with `gateway.py tenant add NAME --out FILE`")
     assert sorted(os.listdir(tmp_path)) == ["cwd", "modules"]  # no keystore with a demo nobody holds
+
+
+def test_a_first_run_on_a_busy_port_creates_nothing(tmp_path: Path) -> None:
+    (tmp_path / "modules").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "--port", str(port), "--db", "gw.db"],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 3 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "first run" not in result.stdout  # no commands printed for a credential of a port not ours
+    assert sorted(os.listdir(tmp_path)) == ["modules"]  # so the next try, on a free port, is a first run
 
 
 @pytest.mark.parametrize("action", [["list"], ["rotate", "acme"], ["revoke", "acme"],
