@@ -58,6 +58,7 @@ __all__ = [
     "BadRequest",
     "BadResponse",
     "Client",
+    "DEFAULT_TIMEOUT",
     "GatewayError",
     "InvalidArguments",
     "MethodNotAllowed",
@@ -275,6 +276,13 @@ def _rest_target(func: str, var1: Any) -> str:
     return target + urllib.parse.quote(text, safe="")
 
 
+# The gateway lets a call run 30 s (its --timeout) unless the function's entry sets its own. A
+# client that gives up first reports a call still running as unreachable, and a retry runs it
+# twice: wait longer, with a margin for the network and a queue in front of the gateway.
+GATEWAY_CALL_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = GATEWAY_CALL_TIMEOUT + 10.0
+
+
 class Client:
     """A gateway client for one credential file: one keep-alive connection, calls in series.
 
@@ -282,6 +290,9 @@ class Client:
     state (the key that signs, the learned clock offset). For parallel calls use several
     Clients; they (and other processes, the CLI too) may share one credential file: a rotation
     is written under a lock, and only over what this Client last read (see ``_save``).
+
+    ``timeout`` is seconds per network read; the default outlasts the gateway's default call
+    timeout. Give more to call a function whose entry sets a longer ``timeout``.
     """
 
     def __init__(
@@ -289,7 +300,7 @@ class Client:
         cred_path: str | os.PathLike[str],
         *,
         clock: Callable[[], float] = time.time,
-        timeout: float = 10.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._path = os.fspath(cred_path)
         cred = read_credential(self._path)
@@ -591,7 +602,12 @@ class Client:
 
     def _unreachable(self, exc: BaseException) -> Unreachable:
         if isinstance(exc, TimeoutError):
-            reason = f"no answer within {self._timeout:g} s"
+            # Once the request is out the function may be running, or done: a blind retry could
+            # run it twice.
+            reason = (
+                f"no answer within {self._timeout:g} s; the call may still have run on the gateway,"
+                " so check before retrying"
+            )
         else:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return Unreachable(0, "unreachable", f"{self._cred.url}: {reason}")
@@ -662,7 +678,7 @@ class AsyncClient:
         cred_path: str | os.PathLike[str],
         *,
         clock: Callable[[], float] = time.time,
-        timeout: float = 10.0,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._client = Client(cred_path, clock=clock, timeout=timeout)
 
@@ -712,7 +728,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="OBJECT", help="the keyword arguments as a JSON object")
     parser.add_argument("--otp", metavar="CODE", help="the authenticator code, for functions that need one")
     parser.add_argument("--catalog", action="store_true", help="print the functions this credential may call")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait per network read (default 10)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds to wait per network read (default {DEFAULT_TIMEOUT:g}: past the gateway's default call"
+        " timeout; give more for a function whose entry sets a longer one)",
+    )
     return parser
 
 

@@ -838,10 +838,18 @@ function results(status, body) {
   throw err;
 }
 
+// The gateway lets a call run 30 s (its --timeout) unless the function's entry sets its own. A
+// client that gives up first reports a call still running as unreachable, and a retry runs it
+// twice: wait longer, with a margin for the network and a queue in front of the gateway.
+const GATEWAY_CALL_TIMEOUT = 30;
+export const DEFAULT_TIMEOUT = GATEWAY_CALL_TIMEOUT + 10;
+
 /**
  * A gateway client for one credential: every call signed, every answer verified before use.
  * options: fetch (default globalThis.fetch), clock (() => Unix SECONDS, like Python's
- * time.time; default Date.now() / 1000), timeout (seconds, default 10),
+ * time.time; default Date.now() / 1000), timeout (seconds for the whole call, default
+ * DEFAULT_TIMEOUT: past the gateway's default call timeout; give more for a function whose
+ * entry sets a longer one),
  * onRotate(rk, updated, before) and onPromote(updated, before) (persistence, see #storeNext /
  * #promote; KeyStore.hooks gives both): each may return the keys storage holds afterwards;
  * onStale() returns the stored keys, read after an unsigned 401 (see #adoptStored).
@@ -860,7 +868,7 @@ export class Client {
   #storing = null;
   #promoting = false;
 
-  constructor(credentialKeys, { fetch, clock, timeout = 10, onRotate, onPromote, onStale } = {}) {
+  constructor(credentialKeys, { fetch, clock, timeout = DEFAULT_TIMEOUT, onRotate, onPromote, onStale } = {}) {
     checkCredentialKeys(credentialKeys);
     this.#cred = credentialKeys;
     this.#fetch = fetch || globalThis.fetch.bind(globalThis); // unbound window.fetch throws
@@ -966,7 +974,10 @@ export class Client {
       const body = new Uint8Array(await response.arrayBuffer());
       return { status: response.status, headers: response.headers, body };
     } catch (err) {
-      const reason = abort.signal.aborted ? `no answer within ${this.#timeout} s` : String(err && err.name);
+      // The request may be out and the function running, or done: a blind retry could run it twice.
+      const reason = abort.signal.aborted
+        ? `no answer within ${this.#timeout} s; the call may still have run on the gateway, so check before retrying`
+        : String(err && err.name);
       throw new Unreachable(0, "unreachable", `${this.#cred.url}: ${reason}`);
     } finally {
       clearTimeout(timer);

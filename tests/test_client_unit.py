@@ -27,6 +27,7 @@ import msgspec
 import pytest
 
 import client as c
+import gateway_app
 import security as s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -754,6 +755,44 @@ def test_async_client_runs_the_same_calls(fake: FakeGateway, tmp_path: Path) -> 
     assert power["target"] == "/rest/power/3" and add["body"] == '{"a":1}' and catalog["method"] == "GET"
 
 
+@pytest.fixture
+def silent(monkeypatch: pytest.MonkeyPatch) -> list[float | None]:
+    """Connections whose answer never comes (no real wait): each records its read timeout."""
+    timeouts: list[float | None] = []
+
+    class Silent:
+        def __init__(self, host: str, port: int, timeout: float | None = None) -> None:
+            timeouts.append(timeout)
+
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def getresponse(self) -> Any:
+            raise TimeoutError("timed out")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(c.http.client, "HTTPConnection", Silent)
+    return timeouts
+
+
+def test_the_client_outwaits_the_gateways_default_call_timeout() -> None:
+    assert c.GATEWAY_CALL_TIMEOUT == gateway_app.Settings.timeout
+    assert c.DEFAULT_TIMEOUT == 40 > gateway_app.Settings.timeout
+
+
+def test_no_answer_in_time_warns_that_the_call_may_have_run(cred_path: Path, silent: list[float | None]) -> None:
+    with c.Client(cred_path) as cl, pytest.raises(c.Unreachable) as info:
+        cl.call("nap", seconds=12)
+    with pytest.raises(c.Unreachable):
+        asyncio.run(c.AsyncClient(cred_path).call("nap", seconds=12))
+    assert silent == [40, 40]  # both default to waiting past the gateway's 30 s
+    assert str(info.value).endswith(
+        ": no answer within 40 s; the call may still have run on the gateway, so check before retrying"
+    )
+
+
 # -- command line -----------------------------------------------------------------------------
 
 
@@ -779,6 +818,19 @@ def test_cli_reports_a_gateway_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert err.startswith("error: 0 unreachable: ")
     no_secrets(err)
+
+
+def test_cli_waits_past_the_gateways_call_timeout(
+    cred_path: Path, silent: list[float | None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert c.main(["--cred", str(cred_path), "nap", "--json", '{"seconds": 12}']) == 1
+    assert c.main(["--cred", str(cred_path), "--timeout", "90", "nap", "--json", '{"seconds": 60}']) == 1
+    assert silent == [40, 90]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: 0 unreachable: ") and err[0].endswith(
+        "no answer within 40 s; the call may still have run on the gateway, so check before retrying"
+    )
+    assert "no answer within 90 s; the call may still have run" in err[1]
 
 
 @pytest.mark.parametrize("argv", [[], ["add", "--catalog"], ["add", "--json", "[1]"], ["add", "--json", "{"]])

@@ -111,6 +111,40 @@ def test_a_slow_answer_teaches_the_javascript_client_no_offset(tmp_path: Path) -
     assert out["skews"] == [-20, -0.5, -0.5, -1, -10]
 
 
+# A gateway that never answers, and timers that record their delay but fire at once.
+SILENT = """
+import * as stt1 from "%(module)s";
+const delays = [];
+const realSetTimeout = globalThis.setTimeout;
+globalThis.setTimeout = (fn, ms) => { delays.push(ms); return realSetTimeout(fn, 0); };
+const fetch = (url, init) => new Promise((_, reject) => {
+  const abort = () => reject(new DOMException("aborted", "AbortError"));
+  if (init.signal.aborted) abort(); else init.signal.addEventListener("abort", abort);
+});
+const keys = await stt1.importCredential(%(cred)s);
+const errors = [];
+for (const options of [{ fetch }, { fetch, timeout: 90 }]) {
+  try {
+    await new stt1.Client(keys, options).call("nap", null, { seconds: 12 });
+  } catch (e) {
+    errors.push(e.constructor.name + " " + e.message);
+  }
+}
+console.log(JSON.stringify({ delays, errors, defaultTimeout: stt1.DEFAULT_TIMEOUT }));
+"""
+
+
+def test_the_javascript_client_outwaits_the_gateway_and_warns_the_call_may_have_run(tmp_path: Path) -> None:
+    out = run_node(tmp_path, SILENT, cred=CRED)
+    assert out["delays"] == [40_000, 90_000]
+    assert out["defaultTimeout"] == 40 > gateway.Settings.timeout  # the console's Client takes this default
+    warning = "the call may still have run on the gateway, so check before retrying"
+    assert out["errors"] == [
+        f"Unreachable {CRED['url']}: no answer within 40 s; {warning}",
+        f"Unreachable {CRED['url']}: no answer within 90 s; {warning}",
+    ]
+
+
 URLS = """
 import * as stt1 from "%(module)s";
 const out = [];
