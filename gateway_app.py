@@ -1063,8 +1063,12 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
     It lists every status the endpoint can answer, with the error body and the headers each
     one carries, so a client (or a schema-driven tester) can rely on it. ``secured``: STT1 is
     on, so calls need a token and answers past the token check are signed.
+
+    Anyone may read it, so a function restricted to some tenants is left out: to everyone
+    else it must look exactly like a missing one (their 404 says nothing more). Its tenants
+    find it, schema and all, in their own catalog (``GET /rest/``).
     """
-    functions = sorted(catalog.functions.values(), key=lambda fn: fn.name)
+    functions = sorted((fn for fn in catalog.functions.values() if fn.tenants is None), key=lambda fn: fn.name)
     returns = [Result[fn.returns] for fn in functions]  # type: ignore[name-defined]
     schemas, components = msgspec.json.schema_components(
         [fn.args_type for fn in functions] + returns,
@@ -1148,6 +1152,9 @@ _RAW = {408, 431}
 # unavailable keystore are answered before the token is verified (PROTOCOL.md 3.11); a replay,
 # a missing second factor, a function's own limit or rate, a full concurrency limit after it.
 _SOMETIMES_SIGNED = {401, 413, 429, 503}
+# A request that is not HTTP at all (bad_request) is refused by the protocol itself, like 408
+# and 431: no request id, no token. A bad_json 400 has both.
+_SOMETIMES_RAW = {400}
 
 
 def _headers(secured: bool, signed: bool) -> dict[str, Any]:
@@ -1175,6 +1182,9 @@ def _error_response(status: int, secured: bool) -> dict[str, Any]:
     headers = {} if status in _RAW else _headers(secured, signed=True)
     if status in _SOMETIMES_SIGNED and "STT1-Response" in headers:
         headers["STT1-Response"]["required"] = False
+    if status in _SOMETIMES_RAW:
+        for header in headers.values():
+            header["required"] = False
     if status == 401:
         headers["WWW-Authenticate"] = {"required": True, "schema": {"const": "STT1"}}
     elif status == 429:
