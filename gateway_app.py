@@ -1465,7 +1465,17 @@ def _end_process_after(seconds: float) -> None:
 def serve(app: Gateway, host: str | None = None, port: int | None = None) -> None:
     """Serve an app in this process until interrupted; exits with STARTUP_FAILURE if it cannot listen."""
     settings = app.settings
-    _serve_on(app, _listen(host or settings.host, settings.port if port is None else port))
+    port = settings.port if port is None else port
+    if port != settings.port and not settings.public_url and app.secured:
+        # Tokens name the origin in the settings (PROTOCOL.md 3): listening elsewhere, every
+        # client whose credential says this port would be refused, and nothing would say why.
+        log.warning(
+            "serving on port %d, but tokens are bound to %s: pass port=%d to create_app (or public_url)",
+            port,
+            settings.audience,
+            port,
+        )
+    _serve_on(app, _listen(host or settings.host, port))
 
 
 def _serve_on(app: Gateway, sock: socket.socket) -> None:

@@ -177,3 +177,31 @@ def test_gateway_py_stays_a_launcher_and_keeps_the_embedding_api() -> None:
     for name in ("Settings", "create_app", "load_modules", "main", "serve"):
         assert getattr(gateway, name) is getattr(gateway_app, name)
     assert len((ROOT / "gateway.py").read_text().splitlines()) < 40
+
+
+@pytest.mark.parametrize("create_port", [None, "same"])
+def test_serving_elsewhere_than_the_tokens_port_is_warned_about(tmp_path: Path, create_port: str | None) -> None:
+    port = free_port()
+    keyword = f"port={port}, " if create_port else ""
+    script = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+        "import gateway\n"
+        f"app = gateway.create_app({str(ROOT / 'modules')!r}, {keyword}db={str(tmp_path / 'gw.db')!r}, reload=False)\n"
+        f"gateway.serve(app, port={port})\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until it serves
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert process.poll() is None
+                time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        _, errors = process.communicate(timeout=30)
+    warned = f"serving on port {port}, but tokens are bound to http://127.0.0.1:8000: pass port={port}" in errors
+    assert warned == (create_port is None), errors
