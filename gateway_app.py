@@ -22,6 +22,7 @@ import os
 import pkgutil
 import re
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -112,7 +113,8 @@ class Settings:
 
     @property
     def audience(self) -> str:
-        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as URLs write it
+        return (self.public_url or f"http://{host}:{self.port}").rstrip("/")
 
 
 #### Errors
@@ -1829,6 +1831,10 @@ def _bad_setting(settings: Settings) -> str | None:
         return f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"
     if not 0 <= settings.port <= 65535:
         return f"--port must be 0-65535, not {settings.port}"
+    if settings.rotate_days < 0:
+        return f"--rotate-days must be 0 (no policy) or positive, not {settings.rotate_days:g}"
+    if settings.public_url and not re.fullmatch(r"https?://[^/?#@\s\\]+/?", settings.public_url):
+        return f"--public-url must be an origin like https://api.example.com, not {settings.public_url!r}"
     return None
 
 
@@ -1986,17 +1992,25 @@ def _first_run(settings: Settings, keystore: Keystore) -> None:
     Raises CredentialNotWritten if its credential file cannot be written (main checks first).
     """
     _issue(keystore, settings, "demo", DEMO_CREDENTIAL, lambda: keystore.add_tenant("demo"))
-    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else "python"
+    here = STATIC.parent  # where client.py and gateway.py are
+    python, client, launcher = (_shown(p) for p in (sys.executable, here / "client.py", here / "gateway.py"))
     body = '{"a": 1, "b": 2}'
     print(
         f"\nFirst run: created {settings.db} with the tenant 'demo'; its credential is demo-credential.json"
         " (mode 0600: it is a secret).\nCall a function with the Python client:\n"
-        f"  {python} client.py --cred demo-credential.json add --json '{body}'\n"
+        f"  {python} {client} --cred demo-credential.json add --json '{body}'\n"
         "or with curl (a token is good for one call within 45 s):\n"
-        f"  eval \"$({python} gateway.py token --cred demo-credential.json POST /rest/add --data '{body}')\"\n"
+        f"  eval \"$({python} {launcher} token --cred demo-credential.json POST /rest/add --data '{body}')\"\n"
         f"or in a browser: open {settings.audience}/console and choose demo-credential.json\n",
         flush=True,
     )
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    """A path as a command to paste here: short when below this folder, else whole (a bare
+    ``python`` may be another interpreter, without the gateway's packages)."""
+    relative = os.path.relpath(path)
+    return shlex.quote(os.fspath(path) if relative.startswith("..") else relative)
 
 
 def main(argv: list[str] | None = None) -> int:

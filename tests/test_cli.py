@@ -109,6 +109,10 @@ def test_a_bad_setting_is_refused(tmp_path: Path) -> None:
     (["--port", "70000"], {}, "--port must be 0-65535, not 70000"),
     (["--port", "-1"], {}, "--port must be 0-65535, not -1"),
     ([], {"GATEWAY_PORT": "65536"}, "--port must be 0-65535, not 65536"),
+    (["--rotate-days", "-1"], {}, "--rotate-days must be 0 (no policy) or positive, not -1"),
+    (["--public-url", "ftp://x"], {}, "--public-url must be an origin like https://api.example.com, not 'ftp://x'"),
+    (["--public-url", "https://api.example.com/v1"], {},
+     "--public-url must be an origin like https://api.example.com, not 'https://api.example.com/v1'"),
 ])
 def test_a_bad_log_level_or_port_is_a_startup_failure_not_a_traceback(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str
@@ -205,3 +209,10 @@ def test_serving_elsewhere_than_the_tokens_port_is_warned_about(tmp_path: Path, 
         _, errors = process.communicate(timeout=30)
     warned = f"serving on port {port}, but tokens are bound to http://127.0.0.1:8000: pass port={port}" in errors
     assert warned == (create_port is None), errors
+
+
+def test_an_ipv6_host_is_bracketed_in_the_origin_tokens_name() -> None:
+    import gateway_app
+
+    assert gateway_app.Settings(host="::1", port=8001).audience == "http://[::1]:8001"
+    assert gateway_app.Settings(host="127.0.0.1", port=8001).audience == "http://127.0.0.1:8001"

@@ -102,34 +102,26 @@ def test_the_readme_first_run(tmp_path: Path) -> None:
         assert oct(cred.stat().st_mode)[-3:] == "600"
         assert s.read_credential(cred).url == f"http://127.0.0.1:{port}"
         assert httpx.post(f"http://127.0.0.1:{port}/rest/add", json={"a": 1, "b": 2}).status_code == 401
-        ok = subprocess.run(
-            [sys.executable, str(ROOT / "client.py"), "--cred", str(cred), "add", "--json", '{"a": 1, "b": 2}'],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=tmp_path,
-        )
-        assert (ok.returncode, ok.stdout.strip()) == (0, "3.0")
-        curl = subprocess.run(
-            [
-                "bash",
-                "-c",
-                f"eval \"$('{sys.executable}' '{ROOT / 'gateway.py'}' token --cred demo-credential.json "
-                'POST /rest/add --data \'{"a": 1, "b": 2}\')"',
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=tmp_path,
-            env=env,
-        )
-        assert curl.stdout == '{"results":3.0,"valid":true}', curl.stderr
+        printed = []  # the message is out before the gateway serves: its commands, run exactly as printed
+        assert process.stdout is not None
+        while not printed or not printed[-1].startswith("or in a browser"):
+            printed.append(process.stdout.readline())
+            assert printed[-1], "".join(printed)
+        commands = [line.strip() for line in printed if line.startswith("  ")]
+        assert len(commands) == 2, "".join(printed)
+        answers = [
+            subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
+            for command in commands
+        ]
+        assert (answers[0].returncode, answers[0].stdout.strip()) == (0, "3.0"), answers[0].stderr
+        assert answers[1].stdout == '{"results":3.0,"valid":true}', answers[1].stderr
         page = httpx.get(f"http://127.0.0.1:{port}/console")  # the printed browser route (tests/test_browser.py)
         assert page.status_code == 200 and "<title>Gateway console</title>" in page.text
     finally:
         process.terminate()
         output, _ = process.communicate(timeout=20)
     assert process.returncode == 0
+    output = "".join(printed) + output
     assert "First run: created gateway.db with the tenant 'demo'" in output
     assert 'client.py --cred demo-credential.json add --json \'{"a": 1, "b": 2}\'' in output
     assert f"open http://127.0.0.1:{port}/console and choose demo-credential.json" in output
