@@ -596,7 +596,6 @@ class Dispatcher:
         if self.inflight >= self.settings.concurrency:
             raise GatewayError(503, "overloaded", "too many calls in progress; retry later")
         timeout = fn.timeout or self.settings.timeout
-        loop = asyncio.get_running_loop()
         work: Future[Any] | None = None  # the thread pool's job, for a sync function
         deadline: asyncio.Timeout | None = None
         self.inflight += 1
@@ -618,14 +617,14 @@ class Dispatcher:
                 raise  # the function's own (an upstream's socket.timeout): a 500 with its traceback
             raise GatewayError(504, "timeout", f"`{fn.name}` did not finish within {timeout:g} s") from None
         finally:
-            if work is not None and not work.done():
-                work.cancel()  # still queued behind busy threads (a 504, a cancelled request): it never runs
-            if work is not None and not work.done():
-                # A running thread cannot be stopped: its slot stays taken until the function really
-                # returns, so hung functions end in 503s instead of an unbounded pile of threads.
-                work.add_done_callback(lambda _: _call_soon_threadsafe(loop, self._release))
-            else:
+            # A job still queued behind busy threads (a 504, a cancelled request) is cancelled: it
+            # never runs. A running thread cannot be stopped: its slot stays taken until the
+            # function really returns, so hung functions end in 503s, not an unbounded pile of threads.
+            if work is None or work.done() or work.cancel():
                 self._release()
+            else:
+                loop = asyncio.get_running_loop()
+                work.add_done_callback(lambda _: _call_soon_threadsafe(loop, self._release))
 
 
 def _call_soon_threadsafe(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
