@@ -2033,13 +2033,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("--auth must be stt1 or off")
     if settings.auth == "stt1" and settings.workers > 1 and settings.replay == "memory":
         return _fail("--workers > 1 needs a replay store the workers share: add --replay sqlite")
-    # The port first: a first run writes the demo credential for it, so a busy port must stop
-    # the start before anything is created (a second try would no longer be a first run).
-    sock = _listen(settings.host, settings.port)
     if settings.auth == "stt1":
-        first_run = not settings.keystore and not Path(settings.db).exists()
         # Before the keystore exists: a first run that cannot write the demo's file creates nothing.
-        if first_run and (problem := _cannot_write(os.path.abspath(DEMO_CREDENTIAL))) is not None:
+        fresh = not settings.keystore and not Path(settings.db).exists()
+        if fresh and (problem := _cannot_write(os.path.abspath(DEMO_CREDENTIAL))) is not None:
             return _fail(
                 f"first run: {problem}; start from a writable folder, "
                 "or create a tenant first with `gateway.py tenant add NAME --out FILE`"
@@ -2048,14 +2045,17 @@ def main(argv: list[str] | None = None) -> int:
             security = build_security(settings)  # proves the keystore, its master key and the store work
         except (ValueError, OSError, sqlite3.Error) as exc:
             return _fail(str(exc))
-        if first_run:
-            try:
-                _first_run(settings, security.keystore)
-            except CredentialNotWritten as exc:
-                return _fail(f"first run: {exc}")
     else:
         security = None
         log.warning("--auth off: /rest/ answers anyone who can reach %s", settings.audience)
+    # The port before the first run: it writes the demo credential for this port, so a busy one
+    # must stop the start first. A keystore left empty by such a start is a first run next time.
+    sock = _listen(settings.host, settings.port)
+    if security is not None and not settings.keystore and not security.keystore.rows():
+        try:
+            _first_run(settings, security.keystore)
+        except CredentialNotWritten as exc:
+            return _fail(f"first run: {exc}")
     origin = f"http://{settings.host}:{settings.port}"
     if settings.workers == 1:
         app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)

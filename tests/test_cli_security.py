@@ -243,7 +243,7 @@ def test_a_first_run_in_a_read_only_folder_is_a_clean_startup_failure(tmp_path: 
     assert sorted(os.listdir(tmp_path)) == ["cwd", "modules"]  # no keystore with a demo nobody holds
 
 
-def test_a_first_run_on_a_busy_port_creates_nothing(tmp_path: Path) -> None:
+def test_a_first_run_on_a_busy_port_writes_no_credential_and_the_next_start_is_a_first_run(tmp_path: Path) -> None:
     (tmp_path / "modules").mkdir()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -252,8 +252,19 @@ def test_a_first_run_on_a_busy_port_creates_nothing(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "--port", str(port), "--db", "gw.db"],
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 3 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
-    assert "first run" not in result.stdout  # no commands printed for a credential of a port not ours
-    assert sorted(os.listdir(tmp_path)) == ["modules"]  # so the next try, on a free port, is a first run
+    assert "First run" not in result.stdout  # no commands printed for a credential of a port not ours
+    assert not (tmp_path / "demo-credential.json").exists()
+    port = free_port()  # the next start, on a free port, is the first run, and the credential names it
+    process = subprocess.Popen([sys.executable, str(ROOT / "gateway.py"), "--port", str(port), "--db", "gw.db",
+                                "--no-reload"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        wait_until_listening(process, port, within=30)
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=30)
+    assert "First run: created gw.db with the tenant 'demo'" in output
+    assert s.read_credential(tmp_path / "demo-credential.json").url == f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("action", [["list"], ["rotate", "acme"], ["revoke", "acme"],
