@@ -301,6 +301,9 @@ async function call(form, name, fields, entry) {
     if (err.verified) {
       show(form, { verdict: "Verified: signed by the gateway for this call", tone: "ok", state: "verified-error",
         message: plainWords(err, entry), meta });
+    } else if (err instanceof Unreachable) {
+      show(form, { verdict: "Not delivered: no answer from the gateway", tone: "bad", state: "undelivered",
+        message: plainWords(err), meta });
     } else if (err instanceof ResponseForged) {
       show(form, { verdict: "Forged: not signed by the gateway for this call", tone: "bad", state: "forged",
         message: plainWords(err), meta });

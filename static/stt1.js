@@ -977,7 +977,7 @@ export class Client {
       // The request may be out and the function running, or done: a blind retry could run it twice.
       const reason = abort.signal.aborted
         ? `no answer within ${this.#timeout} s; the call may still have run on the gateway, so check before retrying`
-        : String(err && err.name);
+        : `the request failed (${(err && err.message) || err})`; // fetch's own words: "Failed to fetch", ...
       throw new Unreachable(0, "unreachable", `${this.#cred.url}: ${reason}`);
     } finally {
       clearTimeout(timer);

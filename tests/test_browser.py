@@ -323,6 +323,17 @@ def test_the_console_refuses_answers_tampered_in_transit(browser: Browser, conso
         assert click_call(page, "add", a="2", b="3")["result"] == "5"
 
 
+def test_no_answer_at_all_is_shown_as_not_delivered(browser: Browser, console: Console) -> None:
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        page.route("**/rest/add/**", lambda route: route.abort())  # as if the gateway were down
+        lost = click_call(page, "add", a="2", b="3")
+        assert (lost["state"], lost["verdict"]) == ("undelivered", "Not delivered: no answer from the gateway")
+        assert lost["message"].startswith("No answer from the gateway (") and "TypeError" not in lost["message"]
+        page.unroute("**/rest/add/**")
+        assert click_call(page, "add", a="2", b="3")["result"] == "5"
+
+
 def test_a_rotated_key_is_adopted_and_survives_a_reload(browser: Browser, console: Console) -> None:
     keystore = console.gateway.keystore
     old = security.read_credential(console.gateway.cred)
