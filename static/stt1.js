@@ -1074,12 +1074,6 @@ export class Client {
   }
 
   /**
-   * After a hook ran on `before`: use what storage now holds. That is our own update, or keys
-   * another tab stored first (a hook returns those instead of overwriting them: KeyStore.swap),
-   * which are newer than ours, so we sign with them too. A hook that returns no object stored
-   * what it was given. Another credential is not adopted, nor anything if ours changed meanwhile.
-   */
-  /**
    * After an unsigned 401: take the stored keys if another tab moved on (onStale, see
    * KeyStore.hooks). A tab idle past a rotation's grace period signs with a retired key while
    * storage holds the newer one. The refused call is not retried (an unsigned 401 can be
@@ -1097,6 +1091,12 @@ export class Client {
     if (isObject(stored)) this.#adopt(before, stored);
   }
 
+  /**
+   * After a hook ran on `before`: use what storage now holds. That is our own update, or keys
+   * another tab stored first (a hook returns those instead of overwriting them: KeyStore.swap),
+   * which are newer than ours, so we sign with them too. A hook that returns no object stored
+   * what it was given. Another credential is not adopted, nor anything if ours changed meanwhile.
+   */
   #adopt(before, stored) {
     if (this.#cred !== before || stored.url !== before.url || stored.tid !== before.tid) return;
     try {
