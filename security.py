@@ -1189,7 +1189,7 @@ class Keystore:
         return KeyCache(keys, functions, frozenset(retired))
 
     def is_retired(self, tid: str, kid: str) -> bool:
-        """Was this kid ever ours and is now retired? From the cache: the request path asks."""
+        """Was this kid ever ours and is now retired? From the key cache, as the request path reads it."""
         return (tid, kid) in self.snapshot().retired
 
 
