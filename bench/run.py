@@ -76,10 +76,10 @@ TOKENS_PER_SECOND_GUESS = 20_000
 
 
 def stt1_tokens(n: int, origin: str) -> list[str] | None:
-    """Mint ``n`` single-use STT1 request tokens for the benchmark call, or None if STT1 is not there yet.
+    """Mint ``n`` single-use STT1 request tokens for the benchmark call, or None if STT1 is not there.
 
-    Returns None until it is filled in (it was written before security.py had a middleware):
-    the STT1 stack is then reported as "not available yet" and everything else still runs.
+    A None (the hook's answer before security.py had a middleware) reports the STT1 stack as
+    "not available yet" while everything else still runs.
 
     The contract bench/run.py relies on:
 
@@ -98,8 +98,9 @@ def stt1_tokens(n: int, origin: str) -> list[str] | None:
       ``--port``, so its keystore is ``GATEWAY_HOME / "gateway.db"``; its very first start there
       enrols the tenant ``demo`` and writes ``GATEWAY_HOME / "demo-credential.json"``, whose
       ``url`` names the port of that first start: sign with ``origin`` as the audience instead.
-    * Minting must be fast enough that a batch (about 1.5x req/s x duration tokens) is
-      minted well inside the 45 s window before the run that uses it ends.
+    * Minting must be fast enough that a batch (the warm-up's: 1.5x the best rate seen x its
+      duration; the run's: 2x the warm-up's rate x its duration) is minted well inside the 45 s
+      window before the run that uses it ends.
 
     ``security.sign_request(credential, "POST", PATH.encode(), b"application/json", BODY,
     time.time())[0]`` mints one, given a credential whose ``url`` is ``origin``.
@@ -141,6 +142,7 @@ class Stack:
     label: str
     auth: str  # "none", "jwt" (one reusable Bearer token) or "stt1" (one token per request)
     command: Callable[[int], list[str]]  # port -> argv, without the taskset prefix
+    control: bool = False  # shown beside the targets, never judged by them (see STACKS)
 
     @property
     def cwd(self) -> Path:
@@ -150,14 +152,19 @@ class Stack:
         return self.key
 
 
-def _uvicorn(module: str) -> Callable[[int], list[str]]:
-    """The gateway's own uvicorn options: loop/http auto (uvloop, httptools), no access log."""
+def _uvicorn(module: str, http: str = "auto") -> Callable[[int], list[str]]:
+    """Stock uvicorn as its users run it: loop/http auto (uvloop, httptools), no access log.
+
+    ``http="gateway_app:http_protocol"`` (the controls) swaps in the gateway's own HTTP layer,
+    which also sends each answer's head and body in one write and leaves out ``server:``.
+    """
 
     def command(port: int) -> list[str]:
         return [
             PYTHON, "-m", "uvicorn", f"{module}:app", "--app-dir", str(PEERS),
-            "--host", HOST, "--port", str(port), "--loop", "auto", "--http", "auto",
+            "--host", HOST, "--port", str(port), "--loop", "auto", "--http", http,
             "--lifespan", "on", "--no-access-log", "--log-level", "warning",
+            *(["--no-server-header"] if http != "auto" else []),
         ]  # fmt: skip
 
     return command
@@ -193,6 +200,15 @@ STACKS: tuple[Stack, ...] = (
     Stack("django_drf", "Django + DRF + PyJWT (gunicorn sync)", "jwt", _gunicorn),
     Stack("gateway_off", "gateway, security off", "none", _gateway(*GATEWAY_SECURITY_OFF_ARGS)),
     Stack("gateway_stt1", "gateway, STT1 on (default)", "stt1", _gateway()),
+    # Controls. The gateway's HTTP layer (gateway_app.http_protocol) is its own: uvicorn's
+    # httptools protocol plus limits, and one write per answer where stock uvicorn makes two.
+    # The targets compare the peers as their users deploy them, on stock uvicorn; these two
+    # rows run the same peers on the gateway's HTTP layer, to show how much of the gap is
+    # that layer and how much the rest.
+    Stack("starlette_jwt_gw_http", "control: Starlette + PyJWT on the gateway's HTTP layer", "jwt",
+          _uvicorn("starlette_jwt", "gateway_app:http_protocol"), control=True),
+    Stack("fastapi_jwt_gw_http", "control: FastAPI + PyJWT on the gateway's HTTP layer", "jwt",
+          _uvicorn("fastapi_jwt", "gateway_app:http_protocol"), control=True),
 )
 BY_KEY = {stack.key: stack for stack in STACKS}
 
@@ -263,6 +279,8 @@ def start(stack: Stack, port: int, command: list[str] | None = None) -> Server:
         (GATEWAY_HOME / "modules").symlink_to(ROOT / "modules", target_is_directory=True)
     log = OUT / f"{stack.key}.log"
     env = {**os.environ, "BENCH_JWT_SECRET": JWT_SECRET, "PYTHONPYCACHEPREFIX": str(PYCACHE)}
+    if stack.control:  # uvicorn imports gateway_app:http_protocol by name
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     argv = ["taskset", "-c", SERVER_CPU, *(command or stack.command(port))]
     with log.open("ab") as sink:
@@ -431,6 +449,28 @@ def check_body(server: Server, values: Sequence[str]) -> None:
 #### Measurements
 
 
+def run_soak(opts: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """bench/soak.py at its defaults (2 minutes of wrk load), its report beside this one.
+
+    Tokens are minted for 1.25x the best STT1 rate of the rounds (soak.py adds 40 %), so a
+    quiet machine cannot run the supply dry. soak.py mints on both CPUs, then pins itself.
+    """
+    path = opts.output.with_name("SOAK.md") if opts.output == BENCH / "RESULTS.md" else opts.output.with_suffix(
+        ".soak.md"
+    )
+    summary = OUT / "soak.json"
+    summary.unlink(missing_ok=True)
+    argv = [
+        "taskset", "-c", f"{SERVER_CPU},{LOAD_CPU}", PYTHON, str(BENCH / "soak.py"),
+        "--rate", str(math.ceil(rate * 1.25)), "--output", str(path), "--json", str(summary),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    if not summary.exists():
+        raise RuntimeError(f"bench/soak.py failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return {**json.loads(summary.read_text()), "path": str(shown)}
+
+
 def micro_stt1() -> dict[str, Any]:
     """bench/micro_stt1.py on the server CPU: the gateway's STT1 work per request, no network."""
     argv = ["taskset", "-c", SERVER_CPU, PYTHON, str(ROOT / "bench" / "micro_stt1.py"), "--json"]
@@ -447,6 +487,20 @@ class Run:
     wrk: WrkResult
     rss_mb: float
     master_rss_mb: float | None  # gunicorn's master, beside the worker that serves
+    warmup_errors: int  # non-2xx and socket errors in the warm-up: counted with the run's
+    steal: float  # share of CPU time the hypervisor gave elsewhere during the measured run
+
+
+def cpu_times() -> list[int]:
+    """The machine's CPU counters from /proc/stat: user nice system idle iowait irq softirq steal."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Of the CPU time that passed between two cpu_times(), the share stolen by the hypervisor:
+    time a shared host ran someone else while this machine wanted to run."""
+    spent = [b - a for a, b in zip(before, after, strict=True)]
+    return spent[7] / sum(spent) if sum(spent) else 0.0
 
 
 def load_run(stack: Stack, round_no: int, opts: argparse.Namespace, rate_hint: float) -> Run:
@@ -467,11 +521,16 @@ def load_run(stack: Stack, round_no: int, opts: argparse.Namespace, rate_hint: f
         # The warm-up may be much slower than the run (a cold server), hence twice its rate: a
         # run that runs out of tokens counts as failed.
         count = math.ceil(max(warm.rps, 1.0) * opts.duration * 2) + 2 * opts.connections + 100
-        result = wrk(port, header_values(stack, count, origin), opts.duration, opts.connections, stack.key)
+        values = header_values(stack, count, origin)
+        before = cpu_times()
+        result = wrk(port, values, opts.duration, opts.connections, stack.key)
+        steal = steal_share(before, cpu_times())
         pid = serving_pid(server)
         rss = rss_mb(pid)
         master = rss_mb(server.proc.pid) if pid != server.proc.pid else None
-    return Run(stack.key, round_no, result, rss, master)
+    if warm.exhausted:  # not an error (nothing was sent twice), but the warm-up was cut short
+        print(f"note: {stack.key} round {round_no}: the warm-up ran out of tokens after {warm.requests:,} requests")
+    return Run(stack.key, round_no, result, rss, master, warm.non2xx + warm.socket_errors, steal)
 
 
 @dataclasses.dataclass
@@ -485,31 +544,40 @@ class ColdStart:
         return statistics.median(self.seconds)
 
 
-def cold_starts(stacks: list[Stack], samples: int, modules: str | None = None) -> dict[str, ColdStart]:
-    """Spawn to first 200 on /healthz, ``samples`` times per stack; idle RSS 1 s after the last start.
+def cold_starts(
+    stacks: list[Stack], samples: int, modules: str | None = None, expect_functions: int | None = None
+) -> dict[str, ColdStart]:
+    """Spawn to first 200 on /healthz, ``samples`` times per stack, after one untimed start each.
 
-    The stacks take turns, in alternating order like the load rounds: a slow moment of a shared
-    machine then falls on every stack alike instead of on whichever was being started.
+    The untimed start fills the bytecode cache (bench/out/pycache), which the stacks share: so
+    no stack pays for compiling what another would have found compiled. The stacks take turns,
+    in alternating order like the load rounds: a slow moment of a shared machine then falls on
+    every stack alike instead of on whichever was being started. Idle RSS: 1 s after each start
+    (after the last one only, for generated modules), median.
     """
     seconds: dict[str, list[float]] = {stack.key: [] for stack in stacks}
-    idle: dict[str, float] = {}
+    idle: dict[str, list[float]] = {stack.key: [] for stack in stacks}
     functions: dict[str, int] = {}
-    for i in range(samples):
+    for i in range(-1, samples):  # -1: the untimed start
         for stack in stacks if i % 2 == 0 else stacks[::-1]:
             port = free_port()  # main() asked require_available once per stack, before any start
             command = _gateway(*GATEWAY_SECURITY_OFF_ARGS, modules=modules)(port) if modules else None
             with running(stack, port, command) as (server, elapsed):
+                if i < 0:
+                    continue
                 seconds[stack.key].append(elapsed)
                 if modules:
-                    functions[stack.key] = healthz_functions(port)
-                if i == samples - 1:
+                    functions[stack.key] = healthz_functions(port, expect_functions)
+                if i == samples - 1 or not modules:
                     time.sleep(1.0)
-                    idle[stack.key] = rss_mb(serving_pid(server))
+                    idle[stack.key].append(rss_mb(serving_pid(server)))
             time.sleep(0.3)
-    return {key: ColdStart(seconds[key], idle[key], functions.get(key)) for key in seconds}
+    return {key: ColdStart(seconds[key], median(idle[key]), functions.get(key)) for key in seconds}
 
 
-def healthz_functions(port: int) -> int:
+def healthz_functions(port: int, expected: int | None = None) -> int:
+    """The function count /healthz reports; a refused module, or a count other than
+    ``expected``, stops the run: a start that skipped modules is not the start measured."""
     conn = http.client.HTTPConnection(HOST, port, timeout=5)
     try:
         conn.request("GET", "/healthz")
@@ -518,6 +586,8 @@ def healthz_functions(port: int) -> int:
         conn.close()
     if health.get("refused"):
         raise RuntimeError(f"generated modules were refused: {health['refused'][:3]}")
+    if expected is not None and health["functions"] != expected:
+        raise RuntimeError(f"/healthz lists {health['functions']} functions, not the {expected} generated")
     return int(health["functions"])
 
 
@@ -571,7 +641,7 @@ def summarise(runs: list[Run]) -> Summary:
         rps=median([r.wrk.rps for r in runs]),
         p50_ms=median([r.wrk.p50_ms for r in runs]),
         p99_ms=median([r.wrk.p99_ms for r in runs]),
-        errors=sum(r.wrk.errors for r in runs),
+        errors=sum(r.wrk.errors + r.warmup_errors for r in runs),
         rss_mb=median([r.rss_mb for r in runs]),
         master_rss_mb=median(masters) if masters else None,
     )
@@ -590,7 +660,8 @@ def machine() -> dict[str, str]:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--",
-         "gateway.py", "gateway_app.py", "security.py", "modules"],
+         "gateway.py", "gateway_app.py", "security.py", "modules", "bench", "requirements.txt",
+         "requirements-dev.txt"],
         capture_output=True, text=True,
     )  # fmt: skip
     return {
@@ -605,13 +676,17 @@ def machine() -> dict[str, str]:
 
 
 VERSIONED = (
-    "uvicorn", "uvloop", "httptools", "starlette", "msgspec", "fastapi", "pydantic",
+    "uvicorn", "uvloop", "httptools", "starlette", "msgspec", "cryptography", "pyseto", "fastapi", "pydantic",
     "PyJWT", "Django", "djangorestframework", "gunicorn",
 )  # fmt: skip
 
 
 def versions() -> str:
-    return ", ".join(f"{name} {importlib.metadata.version(name)}" for name in VERSIONED)
+    """The pinned packages, and the OpenSSL that cryptography carries: STT1's cost depends on it."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    packages = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in VERSIONED)
+    return f"{packages} ({backend.openssl_version_text()})"
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -637,10 +712,12 @@ class Report:
         started_at: datetime.datetime,
         loads: tuple[str, str],
         micro: dict[str, Any] | None = None,
+        steal: float = 0.0,
+        soak: dict[str, Any] | None = None,
     ) -> None:
         self.opts, self.runs, self.unavailable, self.micro = opts, runs, unavailable, micro
         self.starts, self.module_starts = starts, module_starts
-        self.started_at, self.loads = started_at, loads
+        self.started_at, self.loads, self.steal, self.soak = started_at, loads, steal, soak
         self.summary = {key: summarise(rs) for key, rs in runs.items() if rs}
 
     def rps(self, key: str) -> float | None:
@@ -704,7 +781,7 @@ class Report:
                 line(self.starts[key].idle_rss_mb <= 45, text, f"{self.starts[key].idle_rss_mb:.1f} MB")
             else:
                 line(None, text, self.unavailable.get(key, "not measured"))
-        text = "verify + replay + sign <= 25 us per request (bench/micro_stt1.py, memory store)"
+        text = "verify + replay + sign <= 25 us per request (bench/micro_stt1.py: the token work, memory store)"
         if self.micro:
             us = self.micro["memory"]["median"]
             ref = self.micro["reference"]
@@ -713,12 +790,26 @@ class Report:
             line(
                 us <= 25,
                 text,
-                f"{us:.1f} us (median of 7 runs; min {self.micro['memory']['min']:.1f} us). Here the primitives "
+                f"{us:.1f} us (median of 7 runs; min {self.micro['memory']['min']:.1f} us; the whole middleware "
+                f"{self.micro['middleware']['median']:.1f} us). Here the primitives "
                 f"alone cost {floor:.1f} us, and pyseto's v3.local {min(paseto):.1f}-{max(paseto):.1f} us per token "
                 "(the issue: about 20 us)",
             )
         else:
             line(None, text, "not measured")
+        text = "RSS after 2 minutes of sustained authenticated load stays bounded (bench/soak.py)"
+        if self.soak:
+            k = self.soak
+            per = k["per_entry"] or {}
+            line(
+                k["passed"],
+                text,
+                f"{k['requests']:,} requests, {k['errors']} errors; RSS {k['warmup_rss']:.1f} MB after the warm-up, "
+                f"growth {k['growth']:+.2%} after it (limit +10%); the replay store held at most {k['max_entries']:,} "
+                f"jtis, {per.get('store_bytes_per_jti', math.nan):.0f} bytes per jti",
+            )
+        else:
+            line(None, text, "not measured (--no-soak, --quick, or no STT1 stack in this run)")
         bad = [k for k, v in s.items() if v.errors]
         line(not bad, "every measured run had 0 errors", ", ".join(f"{k}: {s[k].errors}" for k in bad) or "0 errors")
         return lines
@@ -731,6 +822,10 @@ class Report:
             ("gateway_stt1", "fastapi_jwt", "gateway (STT1 on) vs FastAPI + PyJWT"),
             ("gateway_stt1", "django_drf", "gateway (STT1 on) vs Django + DRF + PyJWT"),
             ("gateway_stt1", "gateway_off", "STT1 on vs security off (the cost of STT1)"),
+            ("gateway_stt1", "starlette_jwt_gw_http",
+             "control: gateway (STT1 on) vs Starlette + PyJWT, both on the gateway's HTTP layer"),
+            ("gateway_stt1", "fastapi_jwt_gw_http",
+             "control: gateway (STT1 on) vs FastAPI + PyJWT, both on the gateway's HTTP layer"),
         ]
         lines = []
         for a, b, text in pairs:
@@ -778,14 +873,16 @@ class Report:
 
     def per_round(self) -> list[str]:
         rows = [
-            "| round | stack | req/s | p50 ms | p99 ms | requests | errors | RSS MB |",
-            "|--:|---|--:|--:|--:|--:|--:|--:|",
+            "| round | stack | req/s | p50 ms | p99 ms | requests | errors | RSS MB | CPU stolen |",
+            "|--:|---|--:|--:|--:|--:|--:|--:|--:|",
         ]
         flat = sorted((r for rs in self.runs.values() for r in rs), key=lambda r: (r.round, r.stack))
         for r in flat:
             rows.append(
                 f"| {r.round} | {BY_KEY[r.stack].label} | {fmt(r.wrk.rps)} | {fmt(r.wrk.p50_ms, 2)} | "
-                f"{fmt(r.wrk.p99_ms, 2)} | {r.wrk.requests:,} | {r.wrk.errors} | {fmt(r.rss_mb, 1)} |"
+                f"{fmt(r.wrk.p99_ms, 2)} | {r.wrk.requests:,} | {r.wrk.errors}"
+                + (f" (+{r.warmup_errors} in the warm-up)" if r.warmup_errors else "")
+                + f" | {fmt(r.rss_mb, 1)} | {r.steal:.1%} |"
             )
         return rows
 
@@ -795,27 +892,49 @@ class Report:
         rows = [
             "## STT1 per request, without the network",
             "",
-            "`python bench/micro_stt1.py` on the server CPU: parse, assertion, open (MAC, then AES), replay",
-            "insert and the signed answer's mint, exactly the middleware's calls; 7 runs of 20,000 tokens.",
+            "`python bench/micro_stt1.py` on the server CPU, 7 runs of 20,000 tokens each. The token work (the",
+            "target's figure): parse, assertion, open (MAC, then AES), the replay store's insert and the answer's",
+            "mint, as the middleware calls them. The whole middleware adds its ASGI work around them: headers and",
+            "body read, the clock and key checks, the caller, the answer buffered and re-sent with its token.",
             "",
-            "| replay store | median us | min us | max us |",
+            "| what | median us | min us | max us |",
             "|---|--:|--:|--:|",
         ]
-        for store in ("memory", "sqlite"):
-            f = self.micro[store]
-            rows.append(f"| {store} | {f['median']:.1f} | {f['min']:.1f} | {f['max']:.1f} |")
+        for what, name in (
+            ("token work, memory replay store", "memory"),
+            ("token work, SQLite replay store", "sqlite"),
+            ("the whole middleware, memory replay store", "middleware"),
+        ):
+            if name in self.micro:
+                f = self.micro[name]
+                rows.append(f"| {what} | {f['median']:.1f} | {f['min']:.1f} | {f['max']:.1f} |")
         rows += ["", "What this machine's primitives cost, best of 5, to read the absolute figures against:", ""]
         reference = self.micro["reference"]
         rows += [f"- {what}: {us:.2f} us" for what, us in reference.items()]
         paseto = sum(us for what, us in reference.items() if what.startswith("pyseto"))
-        if paseto:  # best against best: both figures are the quietest the machine gave
+        if paseto:  # pyseto's figures are best of 5: read against our min, and our median for the verdict's figure
             rows += [
                 "",
-                f"Against the issue's own reference: verify + replay + sign (min, memory store) costs "
-                f"{self.micro['memory']['min'] / paseto:.2f} of one pyseto encrypt + decrypt here; the 25 us "
-                "budget is 25 / (2 x 20) = 0.63 of the issue's figures for them.",
+                "Against the issue's own reference, pyseto's v3.local encrypt + decrypt on this machine: the token "
+                f"work costs {self.micro['memory']['min'] / paseto:.2f} of it at its min and "
+                f"{self.micro['memory']['median'] / paseto:.2f} at its median (the target's figure); the 25 us "
+                "budget is 25 / (2 x 20) = 0.63 of the issue's figures for them. This ratio is not the target: the "
+                "verdict above is on the absolute median.",
             ]
         return [*rows, ""]
+
+    def soak_section(self) -> list[str]:
+        if not self.soak:
+            return []
+        return [
+            "## Sustained load: 2 minutes",
+            "",
+            f"`python bench/soak.py`, run by this command; its full report with the samples is `{self.soak['path']}`.",
+            "",
+            *self.soak["lines"],
+            f"- RSS before the load: {self.soak['rss_before_mb']:.1f} MB",
+            "",
+        ]
 
     def render(self) -> str:
         o = self.opts
@@ -833,7 +952,8 @@ class Report:
             "",
             f"- date: {self.started_at:%Y-%m-%d %H:%M} UTC",
             f"- machine: nproc {m['nproc']}, {m['CPU']}, {m['memory']}, Linux {m['kernel']}; "
-            f"load average {self.loads[0]} at the start, {self.loads[1]} at the end",
+            f"load average {self.loads[0]} at the start, {self.loads[1]} at the end; {self.steal:.1%} of the CPU "
+            "time during the run was stolen by the hypervisor (other tenants of the host; per run below)",
             f"- versions: Python {m['Python']}, {versions()}; {m['wrk']}; gateway at {m['gateway commit']}",
             f"- load: `wrk --latency -t1 -c{o.connections}`, {o.warmup:g} s warm-up then {o.duration:g} s measured, "
             f"{o.rounds} round(s) in alternating order, figures are medians over the rounds (errors are summed); "
@@ -864,12 +984,17 @@ class Report:
             "- **p50 / p99**: wrk's latency distribution (closed loop: 32 connections, each waits for its answer).",
             "- **errors**: non-2xx answers plus socket errors (and, for STT1, tokens that ran out); must be 0.",
             "- **RSS after run**: VmRSS of the serving process right after the measured run; **idle RSS**: 1 s "
-            "after a fresh start that answered one /healthz; **cold start**: spawn to the first 200 from "
-            f"`GET /healthz`, median of {o.samples}, the stacks starting in turns; bytecode is cached in "
-            "`bench/out/pycache` "
-            "(the first start of new code compiles it).",
+            "after a fresh start that answered one /healthz, median over the cold starts; **cold start**: spawn "
+            f"to the first 200 from `GET /healthz`, median of {o.samples}, the stacks starting in turns, after "
+            "one untimed start each that fills the bytecode cache (`bench/out/pycache`), as on a host that has "
+            "started the stack before.",
             "- The gateway runs at its defaults except `--port`: log level `info` with its per-request access log "
             "ON (batched); every peer runs with its access log off and log level `warning`.",
+            "- The gateway serves HTTP through its own layer: uvicorn's httptools protocol with limits on the "
+            "request head and body, each answer sent in one write (stock uvicorn makes two: head, then body), "
+            "no `server` header. The peers run on stock uvicorn, as their users deploy them, and the targets "
+            "are judged against them. The two **control** rows run Starlette + PyJWT and FastAPI + PyJWT on "
+            "the gateway's layer instead, to show how much of the difference is that layer.",
             "- The peers validate `a` and `b` as floats, as the gateway's type hints do, so all answer "
             '`{"results": 3.0, "valid": true}`.',
             "- gunicorn's sync worker closes the connection after every response, so the Django stack pays a TCP "
@@ -878,11 +1003,12 @@ class Report:
             "## Gateway cold start by module count",
             "",
             "`python gateway.py --modules <temp dir>` (security off), each generated module exposing two typed "
-            "functions; the first sample of each new folder also compiles it.",
+            "functions; after one untimed start that compiles them; idle RSS after the last start.",
             "",
             *self.module_table(),
             "",
             *self.micro_section(),
+            *self.soak_section(),
             "## Every measured run",
             "",
             *self.per_round(),
@@ -911,10 +1037,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output", type=Path, help="the report (bench/RESULTS.md; --quick: bench/out/RESULTS-quick.md)"
     )
     parser.add_argument("--check-lua", action="store_true", help="only test auth.lua against the plain Starlette peer")
+    parser.add_argument(
+        "--no-soak", dest="soak", action="store_false", help="skip the 2 minutes of sustained load (bench/soak.py)"
+    )
     opts = parser.parse_args(argv)
     if opts.quick:
-        opts.rounds, opts.duration, opts.warmup, opts.samples = 1, 2.0, 1.0, 1
+        opts.rounds, opts.duration, opts.warmup, opts.samples, opts.soak = 1, 2.0, 1.0, 1, False
     opts.output = opts.output or (OUT / "RESULTS-quick.md" if opts.quick else BENCH / "RESULTS.md")
+    if opts.output == BENCH / "RESULTS.md" and (opts.rounds < 2 or opts.samples < 3 or not opts.soak or opts.stacks):
+        # The kept results are what the issue judges: every stack and the soak, at least two
+        # rounds and a median of at least three cold starts.
+        parser.error("bench/RESULTS.md takes every stack, the soak, --rounds >= 2 and --samples >= 3; "
+                     "write a partial run elsewhere with --output")  # fmt: skip
     unknown = set(filter(None, opts.stacks.split(","))) - set(BY_KEY)
     if unknown:
         parser.error(f"unknown stacks: {', '.join(sorted(unknown))}")
@@ -954,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [BY_KEY[k] for k in opts.stacks.split(",") if k] if opts.stacks else list(STACKS)
     started_at = datetime.datetime.now(datetime.UTC)
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    cpu_start = cpu_times()
 
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -974,7 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
         for count in (1, 100, 1000):
             with tempfile.TemporaryDirectory(prefix="gateway-bench-modules-") as folder:
                 generate_modules(Path(folder), count)
-                module_starts[count] = cold_starts([BY_KEY["gateway_off"]], opts.samples, modules=folder)["gateway_off"]
+                module_starts[count] = cold_starts(
+                    [BY_KEY["gateway_off"]], opts.samples, modules=folder, expect_functions=2 * count
+                )["gateway_off"]
             say(f"cold start with {count:,} generated modules: {module_starts[count].median * 1000:.0f} ms")
 
     runs: dict[str, list[Run]] = {stack.key: [] for stack in selected}
@@ -1003,8 +1140,15 @@ def main(argv: list[str] | None = None) -> int:
         micro = micro_stt1()
         say(f"verify + replay + sign, in process: median {micro['memory']['median']:.1f} us")
 
+    soak = None
+    if opts.soak and runs.get("gateway_stt1"):
+        say("soak: 2 minutes of STT1 load (bench/soak.py) ...")
+        soak = run_soak(opts, max(r.wrk.rps for r in runs["gateway_stt1"]))
+        say(f"soak: {'PASS' if soak['passed'] else 'FAIL'}, written to {soak['path']}")
+
     loads = (load_start, " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    report = Report(opts, runs, unavailable, starts, module_starts, started_at, loads, micro)
+    steal = steal_share(cpu_start, cpu_times())
+    report = Report(opts, runs, unavailable, starts, module_starts, started_at, loads, micro, steal, soak)
     opts.output.write_text(report.render())
     say(f"wrote {opts.output}")
     return 0

@@ -469,17 +469,29 @@ def report(
     return "\n".join(lines)
 
 
-def _per_entry(samples: Sequence[Sample], verdict: Verdict) -> list[str]:
+def per_entry(samples: Sequence[Sample], verdict: Verdict) -> dict[str, float] | None:
     """Bytes per remembered jti: the store's own (at its fullest sample), and all the RSS the load
     added by the end of the warm-up over the jtis held then (an upper bound: everything counts)."""
     fullest = max(samples, key=lambda s: s.entries)
     if not fullest.entries:
+        return None
+    return {
+        "store_bytes_per_jti": fullest.store_bytes / fullest.entries,
+        "store_mb": fullest.store_bytes / 1e6,
+        "jtis": fullest.entries,
+        "rss_bytes_per_jti": (verdict.warmup_rss - samples[0].rss_mb) * 1e6 / max(verdict.warmup_entries, 1),
+    }
+
+
+def _per_entry(samples: Sequence[Sample], verdict: Verdict) -> list[str]:
+    figures = per_entry(samples, verdict)
+    if figures is None:
         return []
-    added = (verdict.warmup_rss - samples[0].rss_mb) * 1e6 / max(verdict.warmup_entries, 1)
     return [
-        f"- replay store memory: {fullest.store_bytes / fullest.entries:.0f} bytes per jti "
-        f"({fullest.store_bytes / 1e6:.1f} MB for {fullest.entries:,} jtis: set table, 16-byte keys, expiry "
-        f"buckets); the RSS the load added by the end of the warm-up is {added:.0f} bytes per jti held then",
+        f"- replay store memory: {figures['store_bytes_per_jti']:.0f} bytes per jti "
+        f"({figures['store_mb']:.1f} MB for {figures['jtis']:,} jtis: set table, 16-byte keys, expiry "
+        f"buckets); the RSS the load added by the end of the warm-up is {figures['rss_bytes_per_jti']:.0f} bytes "
+        "per jti held then",
     ]
 
 
@@ -534,7 +546,17 @@ def main(argv: list[str] | None = None) -> int:
     text = report(opts, verdict, load, samples, load_start, clock.epoch + (load_start - clock.epoch) * clock.speed)
     opts.output.write_text(text)
     if opts.json:
-        opts.json.write_text(json.dumps({**dataclasses.asdict(verdict), "passed": verdict.passed}))
+        opts.json.write_text(
+            json.dumps(
+                {
+                    **dataclasses.asdict(verdict),
+                    "passed": verdict.passed,
+                    "lines": verdict.lines() + _per_entry(samples, verdict),
+                    "rss_before_mb": samples[0].rss_mb,
+                    "per_entry": per_entry(samples, verdict),
+                }
+            )
+        )
     print("\n".join(text.splitlines()[4:10]))
     print("PASS" if verdict.passed else "FAIL")
     return 0 if verdict.passed else 1

@@ -44,3 +44,7 @@ def test_a_short_soak_passes_and_its_replay_store_stays_bounded(tmp_path: Path) 
     # Bytes per remembered jti: at least its 16-byte key object (64 bytes allocated), and bounded.
     per_jti = re.search(r"replay store memory: (\d+) bytes per jti", report)
     assert per_jti is not None and 64 <= int(per_jti.group(1)) <= 400, report
+    # The same figures reach bench/run.py through the JSON, which RESULTS.md prints.
+    assert round(verdict["per_entry"]["store_bytes_per_jti"]) == int(per_jti.group(1)), verdict
+    assert verdict["per_entry"]["jtis"] == verdict["max_entries"], verdict
+    assert any("bytes per jti" in line for line in verdict["lines"]), verdict
