@@ -1251,7 +1251,14 @@ def build_security(settings: Settings) -> Security:
             "can be replayed once on each other host within 45 s; give them --replay redis://...",
             settings.keystore,
         )
-    return Security(keystore, open_replay_store(settings.replay, settings.db), settings.audience)
+    try:
+        replay = open_replay_store(settings.replay, settings.db)
+    except sqlite3.Error as exc:  # sqlite's own words name no file
+        keystore.close()
+        raise sqlite3.Error(
+            f"cannot open the replay store (--replay {settings.replay}, keystore {settings.db}): {exc}"
+        ) from None
+    return Security(keystore, replay, settings.audience)
 
 
 #### Metrics
@@ -1723,7 +1730,10 @@ def app_from_env() -> Gateway:
     if (problem := _bad_setting(settings)) is not None:
         raise SystemExit(_fail(problem))
     _configure_logging(settings.log_level)
-    app = create_app(settings.modules, settings=settings)
+    try:
+        app = create_app(settings.modules, settings=settings)
+    except (ValueError, OSError, sqlite3.Error) as exc:  # e.g. the master key file went missing since the start
+        raise SystemExit(_fail(f"worker {os.getpid()} cannot start: {exc}")) from None
     app.exit_grace = EXIT_GRACE
     return app
 
@@ -1754,6 +1764,19 @@ def _env_name(field: str) -> str:
     return "GATEWAY_PACKAGE" if field == "packages" else f"GATEWAY_{field.upper()}"
 
 
+def _env_default(name: str, kind: type, fallback: Any) -> Any:
+    """GATEWAY_<NAME> converted here, not by argparse: argparse would blame --name for a bad
+    environment value and exit 2, which systemd restarts for ever (it stops on exit 3)."""
+    variable = _env_name(name)
+    text = os.environ.get(variable)
+    if text is None:
+        return fallback
+    try:
+        return kind(text)
+    except ValueError:
+        raise SystemExit(_fail(f"{variable}={text!r} is not a valid {kind.__name__}")) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway.py",
@@ -1765,7 +1788,7 @@ def _parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{name.replace('_', '-')}",
             type=kind,
-            default=os.environ.get(_env_name(name), getattr(defaults, name)),
+            default=_env_default(name, kind, getattr(defaults, name)),
             help=f"{help_text} (%(default)s)",
         )
     parser.add_argument(
@@ -1820,6 +1843,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+def _listens_everywhere(host: str) -> bool:
+    """0.0.0.0 or :: (any spelling): listening on every address, an origin no client calls."""
+    import ipaddress  # here, not at the top: only the CLI asks, once
+
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return host == ""
+
+
 def _bad_setting(settings: Settings) -> str | None:
     """What is wrong with the settings every command uses (a tenant's URL holds the port), if anything.
 
@@ -1830,7 +1863,7 @@ def _bad_setting(settings: Settings) -> str | None:
         return f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {settings.log_level!r}"
     if not 0 <= settings.port <= 65535:
         return f"--port must be 0-65535, not {settings.port}"
-    if settings.rotate_days < 0:
+    if not settings.rotate_days >= 0:  # "not >=" also refuses nan
         return f"--rotate-days must be 0 (no policy) or positive, not {settings.rotate_days:g}"
     if settings.public_url and not re.fullmatch(r"https?://[^/?#@\s\\]+/?", settings.public_url):
         return f"--public-url must be an origin like https://api.example.com, not {settings.public_url!r}"
@@ -1870,7 +1903,14 @@ def _cannot_write(out: str) -> str | None:
     return None
 
 
-def _issue(keystore: Keystore, settings: Settings, tid: str, out: str, make: Callable[[], tuple[str, bytes]]) -> str:
+def _issue(
+    keystore: Keystore,
+    settings: Settings,
+    tid: str,
+    out: str,
+    make: Callable[[], tuple[str, bytes]],
+    replace: bool = False,
+) -> str:
     """Make a credential with ``make`` and write it to ``out``: both, or no usable key left behind.
 
     A key is only good in its file: one saved without it is a live secret nobody holds, and
@@ -1878,9 +1918,18 @@ def _issue(keystore: Keystore, settings: Settings, tid: str, out: str, make: Cal
     keystore changes (the usual mistakes then change nothing); if writing still fails (a full
     disk), the key just made is revoked. The keystore cannot delete a tenant: after ``add``
     the tenant stays, with no usable key, and ``tenant export`` gives it one.
+
+    An existing ``out`` is refused unless ``replace``: it may hold a live credential, whose key
+    would stay active with nobody holding it. Only the first run replaces (an empty keystore:
+    whatever the old file held is gone with its keystore).
     """
     if (problem := _cannot_write(out)) is not None:
         raise CredentialNotWritten(f"{problem}; the keystore was not changed")
+    if not replace and os.path.lexists(out):
+        raise CredentialNotWritten(
+            f"{out} exists already (it may hold a live credential): choose another --out, or remove it first; "
+            "the keystore was not changed"
+        )
     kid, k = make()
     try:
         write_credential(out, _credential(settings, kid, k, tid))
@@ -1910,6 +1959,8 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(f"cannot open the keystore {settings.db}: {exc}")
     try:
         if args.action == "add":
+            if any(row["tid"] == args.name for row in keystore.rows()):  # before its file's name is refused
+                return _fail(f"tenant {args.name!r} exists already")
             functions = None if args.functions is None else [f for f in args.functions.split(",") if f]
             out = args.out or f"{args.name}-credential.json"
             kid = _issue(keystore, settings, args.name, out, lambda: keystore.add_tenant(args.name, functions))
@@ -1918,9 +1969,13 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
             kid = _issue(keystore, settings, args.name, args.out, lambda: keystore.add_credential(args.name))
             print(f"tenant {args.name}: new credential {kid} written to {args.out} (mode 0600)")
         elif args.action == "list":
+            now = time.time()
             for row in keystore.rows():
+                state, until = row["state"], row["retire_at"]
+                if state == "retiring" and until is not None:  # retired in effect once its grace is over
+                    state = "retired" if until <= now else f"retiring until {_utc(until)}"
                 print(
-                    f"{row['tid']:<20} {row['kid']}  {row['state']:<9} functions={row['functions'] or 'all'}"
+                    f"{row['tid']:<20} {row['kid']}  {state:<9} functions={row['functions'] or 'all'}"
                     f"{'  otp' if row['otp'] else ''}"
                 )
         elif args.action == "rotate":
@@ -1943,6 +1998,10 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         keystore.close()
     return 0
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _token_command(args: argparse.Namespace) -> int:
@@ -1990,7 +2049,7 @@ def _first_run(settings: Settings, keystore: Keystore) -> None:
 
     Raises CredentialNotWritten if its credential file cannot be written (main checks first).
     """
-    _issue(keystore, settings, "demo", DEMO_CREDENTIAL, lambda: keystore.add_tenant("demo"))
+    _issue(keystore, settings, "demo", DEMO_CREDENTIAL, lambda: keystore.add_tenant("demo"), replace=True)
     here = STATIC.parent  # where client.py and gateway.py are
     python, client, launcher = (_shown(p) for p in (sys.executable, here / "client.py", here / "gateway.py"))
     body = '{"a": 1, "b": 2}'
@@ -2018,6 +2077,14 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := _bad_setting(settings)) is not None:
         return _fail(problem)
     _configure_logging(settings.log_level)
+    binds = args.command is None or (args.command == "tenant" and args.action in ("add", "export"))
+    if binds and not settings.public_url and _listens_everywhere(settings.host):
+        log.warning(
+            "--host %s listens on every address, but tokens and credential files are bound to %s, which no "
+            "client can call: set --public-url (GATEWAY_PUBLIC_URL) to the origin clients use",
+            settings.host,
+            settings.audience,
+        )
     if args.command == "tenant":
         return _tenant_command(args, settings)
     if args.command == "token":
@@ -2025,9 +2092,9 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(settings.modules).is_dir():
         return _fail(f"modules folder {settings.modules!r} does not exist (set --modules)")
     for name in ("workers", "timeout", "max_body", "max_result", "concurrency"):
-        if getattr(settings, name) <= 0:
+        if not getattr(settings, name) > 0:  # "not >" also refuses nan
             return _fail(f"--{name.replace('_', '-')} must be positive")
-    if settings.rate < 0:
+    if not settings.rate >= 0:
         return _fail("--rate must be 0 (no limit) or positive")
     if settings.auth not in ("stt1", "off"):
         return _fail("--auth must be stt1 or off")

@@ -113,6 +113,12 @@ def test_a_bad_setting_is_refused(tmp_path: Path) -> None:
     (["--public-url", "ftp://x"], {}, "--public-url must be an origin like https://api.example.com, not 'ftp://x'"),
     (["--public-url", "https://api.example.com/v1"], {},
      "--public-url must be an origin like https://api.example.com, not 'https://api.example.com/v1'"),
+    # A bad environment value names its variable and exits 3, not argparse's 2 with "--port".
+    ([], {"GATEWAY_PORT": "8000x"}, "GATEWAY_PORT='8000x' is not a valid int"),
+    (["tenant", "list"], {"GATEWAY_WORKERS": "2x"}, "GATEWAY_WORKERS='2x' is not a valid int"),
+    ([], {"GATEWAY_TIMEOUT": "soon"}, "GATEWAY_TIMEOUT='soon' is not a valid float"),
+    (["--timeout", "nan"], {}, "--timeout must be positive"),
+    ([], {"GATEWAY_RATE": "nan"}, "--rate must be 0 (no limit) or positive"),
 ])
 def test_a_bad_log_level_or_port_is_a_startup_failure_not_a_traceback(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str

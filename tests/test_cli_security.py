@@ -61,6 +61,48 @@ def test_public_url_is_the_credentials_url(tmp_path: Path) -> None:
     assert s.read_credential(tmp_path / "c.json").url == "https://api.example.com"
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "0:0::0"])
+def test_a_credential_for_an_address_no_client_calls_is_warned_about(tmp_path: Path, host: str) -> None:
+    """Listening everywhere (the Docker image's default) binds tokens to http://0.0.0.0:8000
+    unless --public-url says where clients call: say so, where the credential is made."""
+    added = cli(tmp_path, "--host", host, "tenant", "add", "acme")
+    assert "--public-url" in added.stderr and "listens on every address" in added.stderr
+    assert "listens on every address" not in cli(tmp_path, "--host", host, "tenant", "list").stderr
+    public = cli(tmp_path, "--host", host, "--public-url", "http://127.0.0.1:8000", "tenant", "export", "acme",
+                 "--out", "a.json")
+    assert "listens on every address" not in public.stderr
+    assert "listens on every address" not in cli(tmp_path, "tenant", "export", "acme", "--out", "b.json").stderr
+
+
+def test_a_credential_file_that_exists_is_never_overwritten(tmp_path: Path) -> None:
+    """It may hold a live credential: overwritten, its key would stay active with nobody holding it."""
+    cli(tmp_path, "tenant", "add", "acme", "--out", "a.json")
+    before = (tmp_path / "a.json").read_bytes()
+    rows = cli(tmp_path, "tenant", "list").stdout
+    for args in (("export", "acme", "--out", "a.json"), ("add", "beta", "--out", "a.json")):
+        refused = cli(tmp_path, "tenant", *args, check=False)
+        assert refused.returncode == 3 and "a.json exists already" in refused.stderr, refused.stderr
+        assert "the keystore was not changed" in refused.stderr
+    assert (tmp_path / "a.json").read_bytes() == before
+    assert cli(tmp_path, "tenant", "list").stdout == rows
+
+
+def test_tenant_list_shows_a_retiring_key_as_retired_once_its_grace_is_over(tmp_path: Path) -> None:
+    cli(tmp_path, "tenant", "add", "acme")
+    old = s.read_credential(tmp_path / "acme-credential.json").kid
+    new = cli(tmp_path, "tenant", "rotate", "acme").stdout.split(" -> ")[1].split()[0]
+    keystore = s.Keystore(tmp_path / "gw.db")
+    assert keystore.promote(new)
+    keystore.close()
+    listed = cli(tmp_path, "tenant", "list").stdout.splitlines()
+    states = {line.split()[1]: line.split(maxsplit=2)[2] for line in listed}
+    assert states[old].startswith("retiring until 20") and states[new].startswith("active")
+    with sqlite3.connect(tmp_path / "gw.db") as db:  # the grace period, passed
+        db.execute("UPDATE credentials SET retire_at = ? WHERE kid = ?", (int(time.time()) - 1, old))
+    states = {line.split()[1]: line.split()[2] for line in cli(tmp_path, "tenant", "list").stdout.splitlines()}
+    assert states[old] == "retired"
+
+
 def test_bad_names_and_duplicates_are_refused_with_exit_3(tmp_path: Path) -> None:
     cli(tmp_path, "tenant", "add", "acme")
     duplicate = cli(tmp_path, "tenant", "add", "acme", check=False)
@@ -318,3 +360,19 @@ def test_a_shared_keystore_with_a_per_process_replay_store_is_warned_about(tmp_p
                "a token used on one can be replayed once on each other host within 45 s; give them "
                "--replay redis://...")
     assert warning in memory and "is shared but" not in shared, (memory, shared)
+
+
+def test_a_worker_that_cannot_open_the_keystore_exits_3_without_a_traceback(tmp_path: Path) -> None:
+    """--workers N: uvicorn starts each worker through app_from_env; a master key file removed
+    since the start must give the operator one line, not a traceback per restart."""
+    cli(tmp_path, "tenant", "add", "acme")
+    (tmp_path / "gw.db.key").unlink()
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_MASTER_KEY"}
+    env.update(GATEWAY_DB=str(tmp_path / "gw.db"), GATEWAY_MODULES=str(FIXTURES / "e2e"), GATEWAY_REPLAY="sqlite")
+    worker = subprocess.run(
+        [sys.executable, "-c", "import gateway_app; gateway_app.app_from_env()"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert worker.returncode == 3, worker.stderr
+    assert worker.stderr.startswith("gateway: worker ") and "cannot start" in worker.stderr, worker.stderr
+    assert "Traceback" not in worker.stderr
