@@ -158,7 +158,7 @@ class ResponseForged(GatewayError):
 
     Raised for a missing, malformed or failing ``STT1-Response`` token (wrong key, kid,
     tenant, direction, request jti, status, content type or body), for any status other
-    than an unsigned 401/413/429, and for a rotated key on a non-2xx answer.
+    than an unsigned 400/401/408/413/429/431, and for a rotated key on a non-2xx answer.
     """
 
 
@@ -184,12 +184,16 @@ _SIGNED_ERRORS: dict[int, type[GatewayError]] = {
     504: Timeout,
 }
 
-# Unsigned answers that are legitimate before the token is verified (PROTOCOL.md 3): a hint
-# to retry, never a fact. Their body is not read.
+# Unsigned answers that are legitimate before the token is verified (PROTOCOL.md 3), and the
+# HTTP layer's own refusals, sent before there is a request to sign for (README: 400, 408, 431):
+# a hint, never a fact. Their body is not read.
 _UNSIGNED_HINTS: dict[int, tuple[type[GatewayError], str, str]] = {
+    400: (BadRequest, "bad_request", "the gateway could not read the request as HTTP (unsigned answer)"),
     401: (Unauthorized, "unauthorized", "the gateway refused the token (unsigned answer)"),
+    408: (GatewayError, "timeout", "the request did not reach the gateway in time (unsigned answer)"),
     413: (TooLarge, "too_large", "the request body is over the gateway's limit (unsigned answer)"),
     429: (RateLimited, "rate_limited", "throttled by the gateway (unsigned answer)"),
+    431: (TooLarge, "too_large", "the request's URL and headers are over the gateway's limit (unsigned answer)"),
 }
 
 

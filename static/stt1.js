@@ -65,12 +65,16 @@ const SIGNED_ERRORS = {
   415: UnsupportedMediaType, 422: InvalidArguments, 429: RateLimited, 500: ServerError,
   503: Overloaded, 504: Timeout,
 };
-// Unsigned answers that are legitimate before the token is verified (PROTOCOL.md 3): a hint
-// to retry, never a fact. Their body is not read.
+// Unsigned answers that are legitimate before the token is verified (PROTOCOL.md 3), and the
+// HTTP layer's own refusals, sent before there is a request to sign for (README: 400, 408, 431):
+// a hint, never a fact. Their body is not read.
 const UNSIGNED_HINTS = {
+  400: [BadRequest, "bad_request", "the gateway could not read the request as HTTP (unsigned answer)"],
   401: [Unauthorized, "unauthorized", "the gateway refused the token (unsigned answer)"],
+  408: [GatewayError, "timeout", "the request did not reach the gateway in time (unsigned answer)"],
   413: [TooLarge, "too_large", "the request body is over the gateway's limit (unsigned answer)"],
   429: [RateLimited, "rate_limited", "throttled by the gateway (unsigned answer)"],
+  431: [TooLarge, "too_large", "the request's URL and headers are over the gateway's limit (unsigned answer)"],
 };
 
 // #### Bytes ###############################################################################

@@ -283,7 +283,17 @@ def test_a_forged_answer_is_refused_and_its_body_unused(client: c.Client, name: 
     assert info.value.code == "response_forged"
 
 
-@pytest.mark.parametrize(("status", "cls"), [(401, c.Unauthorized), (413, c.TooLarge), (429, c.RateLimited)])
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, c.BadRequest),  # the HTTP layer's own refusals, before there is a request to sign for
+        (401, c.Unauthorized),
+        (408, c.GatewayError),
+        (413, c.TooLarge),
+        (429, c.RateLimited),
+        (431, c.TooLarge),  # a URL over 64 KiB: it was reported as a forgery
+    ],
+)
 def test_unsigned_hints_raise_without_using_the_body(client: c.Client, status: int, cls: type) -> None:
     prepared = client._prepare_call("add", {})
     headers = [("Content-Type", "application/json"), ("WWW-Authenticate", "STT1")]

@@ -245,3 +245,39 @@ def test_the_javascript_client_adopts_newer_keys_its_hook_found_stored(tmp_path:
     out = run_node(tmp_path, ADOPT, cred=cred, secrets=secrets, kid2=kid2)
     assert out["replaced"] == [[kid0, kid1, kid1]]  # the hook is told what it replaces
     assert out["signedWith"] == [kid1, kid2] and out["kid"] == kid2  # then the stored keys sign
+
+
+# The gateway's unsigned refusals: before the token is read (401, 413, 429), and the HTTP
+# layer's own (400, 408, 431). Each body plants a result that must never be used.
+UNSIGNED = """
+import * as stt1 from "%(module)s";
+const client = new stt1.Client(await stt1.importCredential(%(cred)s), {
+  fetch: async (url, init) => new Response(
+    JSON.stringify({ valid: true, results: "planted", error: { code: "planted", message: "planted" } }),
+    { status: Number(url.split("/").pop()), headers: { "Content-Type": "application/json" } },  // echo's var1
+  ),
+});
+const out = {};
+for (const status of %(statuses)s) {
+  try {
+    await client.call("echo", String(status));
+    out[status] = "no error";
+  } catch (e) {
+    out[status] = [e.constructor.name, e.code, e.message.includes("planted")];
+  }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_unsigned_refusals_are_hints_to_the_javascript_client_not_forgeries(tmp_path: Path) -> None:
+    out = run_node(tmp_path, UNSIGNED, cred=CRED, statuses=[400, 401, 408, 413, 429, 431, 500])
+    assert out == {
+        "400": ["BadRequest", "bad_request", False],
+        "401": ["Unauthorized", "unauthorized", False],
+        "408": ["GatewayError", "timeout", False],
+        "413": ["TooLarge", "too_large", False],
+        "429": ["RateLimited", "rate_limited", False],
+        "431": ["TooLarge", "too_large", False],  # a URL over 64 KiB: it was reported as a forgery
+        "500": ["ResponseForged", "response_forged", False],  # a 500 is always signed by the gateway
+    }
