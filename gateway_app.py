@@ -264,10 +264,11 @@ def load_modules(
             refused.append(Refusal(source, str(exc)))
         except SyntaxError as exc:
             refused.append(Refusal(source, f"SyntaxError: {exc.msg} (line {exc.lineno})"))
-        except KeyboardInterrupt:
-            raise  # Ctrl-C during a slow import stops the start, as anywhere else
-        except BaseException as exc:  # sys.exit(), a stray CancelledError...: the module's failure, not ours
-            refused.append(Refusal(source, f"{type(exc).__name__}: {exc}"))
+        except BaseException as exc:  # sys.exit(), KeyboardInterrupt, CancelledError...: the module's failure
+            # Imports run in a thread of their own (_load_in_thread), where a real Ctrl-C never
+            # arrives (it goes to the main thread): a KeyboardInterrupt here is the module's own
+            # raise, and letting it through stopped a running gateway, with exit 0, on a save.
+            refused.append(Refusal(source, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
         else:
             functions.update((item.name, item) for item in exposed)
             if source in retried:
@@ -299,7 +300,7 @@ def _load_in_thread(*args: Any, **kwargs: Any) -> Future[Catalog]:
     def load() -> None:
         try:
             future.set_result(load_modules(*args, **kwargs))
-        except BaseException as exc:  # KeyboardInterrupt included: the caller re-raises it
+        except BaseException as exc:  # a bug of ours: the caller re-raises it
             future.set_exception(exc)
 
     # Not a daemon: a thread a module starts at import inherits that, and must stay the
