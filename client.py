@@ -388,12 +388,16 @@ class Client:
     def _prepare_call(
         self, func: str, args: dict[str, Any] | None, *, var1: Any = None, otp: str | None = None
     ) -> _Prepared:
-        """The signed ``POST /rest/<func>/[<var1>]`` with the arguments as a JSON object."""
+        """The signed ``POST /rest/<func>/[<var1>]`` with the arguments as a JSON object.
+
+        No arguments, no body (the gateway reads it as ``{}``): a function whose entry sets
+        ``max_body: 0`` takes its argument in the URL only, and refuses even ``{}``.
+        """
         if args is None:
             args = {}
         if not isinstance(args, dict) or not all(isinstance(name, str) for name in args):
             raise TypeError("args must be a dict with str keys")
-        return self._prepare("POST", _rest_target(func, var1), _ENCODE(args), otp=otp)
+        return self._prepare("POST", _rest_target(func, var1), _ENCODE(args) if args else b"", otp=otp)
 
     def _prepare(self, method: str, target: str, body: bytes, *, otp: str | None = None) -> _Prepared:
         """Sign one request: a fresh jti, bound to the audience, method, target, type and body."""

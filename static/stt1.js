@@ -908,7 +908,9 @@ export class Client {
   async request(func, args = {}, { var1 = null, otp } = {}) {
     if (args === null || args === undefined) args = {};
     if (!isObject(args)) throw new TypeError("args must be a plain object");
-    const body = UTF8.encode(JSON.stringify(args));
+    // No arguments, no body (the gateway reads it as {}): a function whose entry sets
+    // max_body: 0 takes its argument in the URL only, and refuses even "{}".
+    const body = Object.keys(args).length ? UTF8.encode(JSON.stringify(args)) : EMPTY;
     return this.#roundtrip(await this.#prepare("POST", restTarget(func, var1), body, otp));
   }
 

@@ -3,6 +3,7 @@ global defaults ``--max-body`` and ``--rate`` for entries that set none."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
@@ -53,6 +54,25 @@ def test_a_bad_limit_refuses_the_module(tmp_path: Path, entry: str, reason: str)
     assert catalog.functions == {}
     [refusal] = catalog.refused
     assert reason in refusal.reason
+
+
+def test_a_function_that_takes_no_body_is_called_by_both_clients(tmp_path: Path) -> None:
+    """max_body 0 means arguments only in the URL: a client must then send no body at all,
+    not "{}" (which was a 413, from client.py and the console alike)."""
+    with secured_server(LIMITS, tmp_path) as server, stt1_client.Client(server.cred) as api:
+        assert api.call("url_only", "abc") == 3
+        assert api.call("url_only") == 0
+        with pytest.raises(stt1_client.TooLarge):
+            api.call("url_only", text="abc")  # in the body: refused, signed
+        script = tmp_path / "url_only.mjs"
+        script.write_text(
+            f"import * as stt1 from {(gateway.STATIC / 'stt1.js').as_uri()!r};\n"
+            f"const keys = await stt1.importCredential(JSON.parse({server.cred.read_text()!r}));\n"
+            "const client = new stt1.Client(keys);\n"
+            'console.log(JSON.stringify([await client.call("url_only", "abcd"), await client.call("url_only")]));\n'
+        )
+        done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stdout.strip()) == (0, "[4,0]"), done.stderr
 
 
 def test_max_body_per_function_is_a_signed_413(tmp_path: Path) -> None:
