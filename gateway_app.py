@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator,
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NotRequired, Required, TypedDict
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import msgspec
 
@@ -1962,7 +1962,10 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
         if args.action == "add":
             if any(row["tid"] == args.name for row in keystore.rows()):  # before its file's name is refused
                 return _fail(f"tenant {args.name!r} exists already")
-            functions = None if args.functions is None else [f for f in args.functions.split(",") if f]
+            functions = None if args.functions is None else [f.strip() for f in args.functions.split(",") if f.strip()]
+            if functions is not None and (bad := [f for f in functions if not f.isidentifier()]):
+                # A name no function can have would never match: the tenant would get 404s, unwarned.
+                return _fail(f"--functions takes function names separated by commas, not {', '.join(map(repr, bad))}")
             out = args.out or f"{args.name}-credential.json"
             kid = _issue(keystore, settings, args.name, out, lambda: keystore.add_tenant(args.name, functions))
             print(f"tenant {args.name}: credential {kid} written to {out} (mode 0600; keep it secret)")
@@ -2016,13 +2019,17 @@ def _token_command(args: argparse.Namespace) -> int:
         return _fail(f"cannot read the credential file: {exc}")
     if not args.path.startswith("/"):
         return _fail(f"the path must start with /, e.g. /rest/add (not {args.path!r})")
+    # The token covers the target as it goes on the request line, and curl percent-encodes a
+    # space or a non-ASCII character before sending: encode them here, so that what is signed
+    # is what is sent. What is encoded already (%2F) and the query's own characters stay.
+    target = quote(args.path, safe="/?&=:@!$'()*+,;~%-._")
     if args.otp is not None and not re.fullmatch(r"[0-9]{6}", args.otp):
         return _fail("--otp must be the 6-digit code the authenticator app shows")
     body = (args.data or "").encode()
     content_type = b"application/json" if body else b""
     try:
         token, _ = sign_request(
-            credential, args.method.upper(), args.path.encode(), content_type, body, time.time(), otp=args.otp
+            credential, args.method.upper(), target.encode(), content_type, body, time.time(), otp=args.otp
         )
     except ValueError as exc:
         return _fail(str(exc))
@@ -2032,7 +2039,7 @@ def _token_command(args: argparse.Namespace) -> int:
         "--path-as-is",
         "-X",
         args.method.upper(),
-        credential.url + args.path,
+        credential.url + target,
         "-H",
         f"Authorization: STT1 {token}",
     ]

@@ -170,6 +170,19 @@ def test_token_prints_a_curl_command_for_exactly_that_request(tmp_path: Path) ->
     assert isinstance(s.open_token(key, token, implicit).claims, s.RequestClaims)
 
 
+def test_token_signs_the_path_as_curl_sends_it(tmp_path: Path) -> None:
+    """curl percent-encodes a space or a non-ASCII character: a token signed over the raw
+    bytes was refused (401), and a space made curl refuse the URL."""
+    cli(tmp_path, "tenant", "add", "acme")
+    line = cli(tmp_path, "token", "--cred", "acme-credential.json", "POST", "/rest/slugify/Grüße ✓ a%2Fb?q=x y").stdout
+    sent = "/rest/slugify/Gr%C3%BC%C3%9Fe%20%E2%9C%93%20a%2Fb?q=x%20y"
+    assert f"'http://127.0.0.1:8000{sent}'" in line
+    token = re.search(r"STT1 (v3\.local\.[A-Za-z0-9_.-]+)'", line).group(1)  # type: ignore[union-attr]
+    cred = s.read_credential(tmp_path / "acme-credential.json")
+    key = s.DirectionKey(cred.secret, "c2s", "acme", cred.kid)
+    assert s.open_token(key, token, s.request_assertion(cred.url, "POST", sent.encode(), b"", b""))
+
+
 @pytest.mark.parametrize("replay", ["memory", "mongodb://x"])
 def test_workers_need_a_shared_replay_store(tmp_path: Path, replay: str) -> None:
     (tmp_path / "modules").mkdir()
@@ -376,3 +389,13 @@ def test_a_worker_that_cannot_open_the_keystore_exits_3_without_a_traceback(tmp_
     assert worker.returncode == 3, worker.stderr
     assert worker.stderr.startswith("gateway: worker ") and "cannot start" in worker.stderr, worker.stderr
     assert "Traceback" not in worker.stderr
+
+
+def test_tenant_functions_are_names_spaces_aside(tmp_path: Path) -> None:
+    """"add, power" stored " power", which no function has: the tenant got 404s, unwarned."""
+    cli(tmp_path, "tenant", "add", "acme", "--functions", " power, add ,")
+    assert 'functions=["add", "power"]' in cli(tmp_path, "tenant", "list").stdout
+    bad = cli(tmp_path, "tenant", "add", "beta", "--functions", "add,bad-name,1x", check=False)
+    assert (bad.returncode, bad.stderr.strip()) == (
+        3, "gateway: --functions takes function names separated by commas, not 'bad-name', '1x'")
+    assert "beta" not in cli(tmp_path, "tenant", "list").stdout and not (tmp_path / "beta-credential.json").exists()
