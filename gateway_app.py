@@ -165,6 +165,7 @@ class Exposed:
     rate: float | None  # None: Settings.rate
     params: frozenset[str]
     first: str | None  # the parameter the URL's <var1> binds
+    url_var1: str | None  # `first`, shown as the URL's <var1> only when a URL string can be one (not a list)
     args_type: Any  # a TypedDict: what the arguments are decoded into
     decode_args: Callable[[bytes], Any]  # built once: msgspec.convert re-reads the type per call
     decode_var1: Callable[[bytes], Any] | None  # lax: the URL's "42" becomes 42 where the hint says int
@@ -467,11 +468,31 @@ def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
         rate=entry.rate,
         params=frozenset(fields),
         first=first,
+        url_var1=first if first is not None and _from_url(hints.get(first, Any)) else None,
         args_type=args_type,
         decode_args=msgspec.json.Decoder(args_type).decode,
         decode_var1=msgspec.json.Decoder(hints.get(first, Any), strict=False).decode if first else None,
         returns=returns,
     )
+
+
+def _from_url(hint: Any) -> bool:
+    """Can the URL's <var1>, a string, be a value of this type? A number, a string, an enum, a
+    date..., or a union of those: yes. A list, a dict or a struct: no, so the catalog and the
+    OpenAPI description do not offer the URL for it (a try is still a clear 422)."""
+    schema = msgspec.json.schema(hint, schema_hook=_schema_hook)
+    defs = schema.get("$defs", {})
+
+    def scalar(node: dict[str, Any]) -> bool:
+        if "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[1]]
+        if "anyOf" in node:
+            return all(scalar(option) for option in node["anyOf"])
+        if "type" not in node:
+            return True  # Any, object, an enum or a const: a string may be one
+        return node["type"] in ("string", "integer", "number", "boolean", "null")
+
+    return scalar(schema)
 
 
 def _schema_hook(cls: type) -> dict[str, Any]:
@@ -936,7 +957,7 @@ class Gateway:
         return {
             fn.name: {
                 "doc": fn.doc,
-                "var1": fn.first,
+                "var1": fn.url_var1,
                 "arguments": msgspec.json.schema(fn.args_type, schema_hook=_schema_hook),
                 "otp": fn.otp,
             }
@@ -1086,8 +1107,10 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
             "post": {
                 "operationId": fn.name,
                 "summary": fn.doc.split("\n", 1)[0] if fn.doc else fn.name,
-                "description": fn.doc
-                + (f"\n\n`POST /rest/{fn.name}/{{{fn.first}}}` binds `{fn.first}` from the URL." if fn.first else ""),
+                "description": "\n\n".join(
+                    filter(None, [fn.doc, fn.url_var1 and f"`POST /rest/{fn.name}/{{{fn.url_var1}}}` binds "
+                                  f"`{fn.url_var1}` from the URL."])
+                ),
                 # An empty body is `{}`: it is only optional when every argument has a default.
                 "requestBody": {
                     "required": bool(components[args["$ref"].rsplit("/", 1)[1]].get("required")),

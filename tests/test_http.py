@@ -410,6 +410,26 @@ def test_catalog_lists_only_what_the_tenant_may_call(gw) -> None:  # type: ignor
     assert add["arguments"]["$defs"]["add_args"]["required"] == ["a", "b"]
 
 
+def test_the_url_is_offered_only_for_an_argument_a_string_can_be(tmp_path: Path) -> None:
+    """A list, dict or struct cannot come from the URL's text (a try is a 422): the catalog and
+    the OpenAPI description said `POST /rest/total/{xs}` binds it all the same."""
+    (tmp_path / "shapes.py").write_text(
+        "__all_exposed__ = ['total', 'scaled', 'nodoc']\n\n"
+        'def total(xs: list[int]) -> int:\n    """Sum."""\n    return sum(xs)\n\n'
+        'def scaled(x: float | None = None, by: list[int] | None = None) -> float:\n'
+        '    """Scale."""\n    return 1.0\n\n'
+        "def nodoc(n: int) -> int:\n    return n\n"
+    )
+    catalog = gateway.load_modules(tmp_path)
+    assert {name: fn.url_var1 for name, fn in catalog.functions.items()} == {"total": None, "scaled": "x", "nodoc": "n"}
+    described = gateway.Gateway(gateway.Settings(auth="off"), catalog).describe(None)
+    assert (described["total"]["var1"], described["scaled"]["var1"]) == (None, "x")
+    paths = gateway.openapi(catalog, secured=False)["paths"]
+    assert paths["/rest/total/"]["post"]["description"] == "Sum."
+    assert paths["/rest/scaled/"]["post"]["description"] == "Scale.\n\n`POST /rest/scaled/{x}` binds `x` from the URL."
+    assert paths["/rest/nodoc/"]["post"]["description"] == "`POST /rest/nodoc/{n}` binds `n` from the URL."
+
+
 def test_healthz_reports_functions_and_refused_modules(serve) -> None:  # type: ignore[no-untyped-def]
     gw = serve(gateway.create_app(FIXTURES / "discovery", auth="off"))
     body = gw.client.get("/healthz").json()
