@@ -752,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.catalog == (opts.func is not None):
         parser.error("give either FUNC or --catalog")
+    if not opts.timeout > 0:  # 0 made every call "unreachable" (a non-blocking socket); "not >" refuses nan
+        parser.error("--timeout must be a positive number of seconds")
     if opts.catalog and (opts.var1 is not None or opts.otp is not None or opts.json is not None):
         parser.error("--catalog takes no VAR1, --json or --otp")
     try:

@@ -2086,7 +2086,9 @@ def _first_run(settings: Settings, keystore: Keystore) -> None:
     body = '{"a": 1, "b": 2}'
     print(
         f"\nFirst run: created {settings.db} with the tenant 'demo'; its credential is demo-credential.json"
-        " (mode 0600: it is a secret).\nCall a function with the Python client:\n"
+        " (mode 0600: it is a secret).\nList the functions it may call:\n"
+        f"  {python} {client} --cred demo-credential.json --catalog\n"
+        "Call one with the Python client (add comes with the example modules):\n"
         f"  {python} {client} --cred demo-credential.json add --json '{body}'\n"
         "or with curl (a token is good for one call within 45 s):\n"
         f"  eval \"$({python} {launcher} token --cred demo-credential.json POST /rest/add --data '{body}')\"\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -51,7 +52,9 @@ def test_the_async_client(served) -> None:  # type: ignore[no-untyped-def]
 def test_the_client_adopts_a_rotated_key_end_to_end(served) -> None:  # type: ignore[no-untyped-def]
     keystore, cred = served
     old = s.read_credential(cred)
+    keystore.clock = lambda: time.time() - s.ROTATION_SETTLE  # made long enough ago that rk is offered
     [(_, _, new)] = keystore.rotate("acme")  # the server's own keystore: its cache follows at once
+    keystore.clock = time.time
     with stt1_client.Client(cred) as api:
         assert api.call("add", 1, b=1) == 2  # answer carries rk: stored, then used
         stored = s.read_credential(cred)
@@ -108,13 +111,14 @@ def test_the_readme_first_run(tmp_path: Path) -> None:
             printed.append(process.stdout.readline())
             assert printed[-1], "".join(printed)
         commands = [line.strip() for line in printed if line.startswith("  ")]
-        assert len(commands) == 2, "".join(printed)
+        assert len(commands) == 3, "".join(printed)
         answers = [
             subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30, cwd=tmp_path, env=env)
             for command in commands
         ]
-        assert (answers[0].returncode, answers[0].stdout.strip()) == (0, "3.0"), answers[0].stderr
-        assert answers[1].stdout == '{"results":3.0,"valid":true}', answers[1].stderr
+        assert answers[0].returncode == 0 and {"add", "power"} <= set(json.loads(answers[0].stdout)), answers[0]
+        assert (answers[1].returncode, answers[1].stdout.strip()) == (0, "3.0"), answers[1].stderr
+        assert answers[2].stdout == '{"results":3.0,"valid":true}', answers[2].stderr
         page = httpx.get(f"http://127.0.0.1:{port}/console")  # the printed browser route (tests/test_browser.py)
         assert page.status_code == 200 and "<title>Gateway console</title>" in page.text
     finally:

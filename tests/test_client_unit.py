@@ -844,7 +844,10 @@ def test_cli_waits_past_the_gateways_call_timeout(
     assert "no answer within 90 s; the call may still have run" in err[1]
 
 
-@pytest.mark.parametrize("argv", [[], ["add", "--catalog"], ["add", "--json", "[1]"], ["add", "--json", "{"]])
+@pytest.mark.parametrize("argv", [
+    [], ["add", "--catalog"], ["add", "--json", "[1]"], ["add", "--json", "{"],
+    ["add", "--timeout", "0"], ["add", "--timeout", "-1"], ["add", "--timeout", "nan"],  # 0 was "unreachable"
+])
 def test_cli_usage_errors_exit_2(cred_path: Path, argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
         c.main(["--cred", str(cred_path), *argv])
