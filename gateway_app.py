@@ -935,7 +935,7 @@ class Gateway:
             )
         if fn.otp:
             try:
-                passed = caller is not None and caller.check_otp()
+                passed = caller is not None and await asyncio.to_thread(caller.check_otp)
             except KeystoreUnavailable as exc:
                 log.error("request %s: %s", scope[REQUEST_ID_KEY].decode(), exc)
                 raise GatewayError(503, "overloaded", "key store unavailable") from None
@@ -1261,7 +1261,7 @@ def open_keystore(settings: Settings) -> Keystore:
     if settings.keystore:
         if not settings.keystore.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"unknown keystore {settings.keystore!r}: use redis://host:port/db, or none for SQLite")
-        return RedisKeystore(settings.keystore, key_file_base=settings.db)
+        return RedisKeystore(settings.keystore)
     return Keystore(settings.db)
 
 

@@ -723,8 +723,22 @@ def write_credential(path: str | os.PathLike[str], credential: Credential) -> No
 # so a copied database file alone does not give away a single key. The request path never
 # touches the file: it reads a KeyCache, rebuilt when PRAGMA data_version says another
 # connection (the CLI, another worker) committed a change, checked at most once a second.
+#
+# Rotation across workers and hosts: a pending successor is offered as ``rk`` only from
+# ROTATION_SETTLE seconds after it was made. The client switches to the new kid at its very next
+# call, which may reach another worker or host; by then every cache still in use holds the new
+# kid (a SQLite cache is at most CHECK_SECONDS old, a Redis one at most MAX_STALE), so that call
+# is never a 401 for an unknown kid.
 
 GRACE_SECONDS = 600  # how long the old kid keeps working after its successor's first use
+CHECK_SECONDS = 1.0  # how often a cache asks its store whether anything changed
+# A Redis keystore's cache is refreshed in the background; past this age without a successful
+# check the request path refuses (503) instead of trusting it: a revoked key stops working
+# within MAX_STALE seconds even while Redis hangs.
+MAX_STALE = 5.0
+# MAX_STALE, plus 1 s because `created` is a whole second, plus a few seconds of clock difference
+# between hosts: after this long every serving cache knows a successor made at `created`.
+ROTATION_SETTLE = 10
 ADMIN_WAIT = 5.0  # seconds an admin change waits for another connection's write lock
 REQUEST_WAIT = 0.1  # ... and a change made on the request path (promotion, OTP), which holds up the worker
 
@@ -814,15 +828,9 @@ def load_master_key(db_path: str | os.PathLike[str], may_create: bool = True) ->
     back it up apart from the database. A new key beside credentials sealed under the old one
     would make that silent and permanent, so then this refuses instead.
     """
-    from_env = os.environ.get("GATEWAY_MASTER_KEY")
-    if from_env:
-        try:
-            key = b64decode(from_env.strip())
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            raise ValueError("GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
-        return key
+    from_env = _master_key_from_env()
+    if from_env is not None:
+        return from_env
     path = f"{os.fspath(db_path)}.key"
     existing = _read_master_key(path)
     if existing is not None:
@@ -852,6 +860,20 @@ def load_master_key(db_path: str | os.PathLike[str], may_create: bool = True) ->
     return key
 
 
+def _master_key_from_env() -> bytes | None:
+    """GATEWAY_MASTER_KEY decoded, None when unset; ValueError when it is not 32 bytes."""
+    from_env = os.environ.get("GATEWAY_MASTER_KEY")
+    if not from_env:
+        return None
+    try:
+        key = b64decode(from_env.strip())
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError("GATEWAY_MASTER_KEY must be the base64url of 32 random bytes")
+    return key
+
+
 def _read_master_key(path: str) -> bytes | None:
     try:
         with open(path, "rb") as file:
@@ -870,13 +892,20 @@ def _read_master_key(path: str) -> bytes | None:
 class CachedKey:
     """One credential as the request path needs it: both direction keys, ready to use."""
 
-    __slots__ = ("c2s", "kid", "retire_at", "rk", "s2c", "state", "tid")
+    __slots__ = ("c2s", "kid", "retire_at", "rk", "rk_from", "s2c", "state", "tid")
 
     def __init__(self, tid: str, kid: str, k: bytes, state: str, retire_at: int | None) -> None:
         self.tid, self.kid, self.state, self.retire_at = tid, kid, state, retire_at
         self.c2s = DirectionKey(k, "c2s", tid, kid)
         self.s2c = DirectionKey(k, "s2c", tid, kid)
         self.rk: RotatedKey | None = None  # set on an active key whose successor is pending
+        # When rk may first be sent: its `created` + ROTATION_SETTLE, so that every worker's and
+        # host's cache knows the new kid before a client can switch to it (see ROTATION_SETTLE).
+        self.rk_from = 0.0
+
+    def offered_rk(self, now: float) -> RotatedKey | None:
+        """The successor to send in an answer at ``now`` (server clock), once it has settled."""
+        return self.rk if self.rk is not None and now >= self.rk_from else None
 
     def __repr__(self) -> str:
         return f"CachedKey(tid={self.tid!r}, kid={self.kid!r}, state={self.state!r})"
@@ -1112,9 +1141,12 @@ class Keystore:
                 if now < locked_until:
                     raise OtpLocked(locked_until - now)  # nothing written: the transaction rolls back
                 timecode = _otp_timecode(secret, code, now)
-                if timecode is not None and db.execute(
-                    "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
-                ).rowcount:
+                if (
+                    timecode is not None
+                    and db.execute(
+                        "UPDATE tenants SET otp_last = ? WHERE tid = ? AND otp_last < ?", (timecode, tid, timecode)
+                    ).rowcount
+                ):
                     db.execute("DELETE FROM otp_failures WHERE tid = ?", (tid,))
                     return True
                 db.execute(  # wrong, or a code used already: both count
@@ -1140,10 +1172,13 @@ class Keystore:
     # -- the request path's view
 
     def snapshot(self) -> KeyCache:
-        """The current KeyCache; rebuilt only when the database changed (checked <= 1/s)."""
+        """The current KeyCache; rebuilt only when the database changed (checked <= 1/s).
+
+        Synchronous: PRAGMA data_version reads a local file's shared memory, no network.
+        """
         now = self.clock()
         cache = self._cache
-        if cache is not None and now - self._checked < 1.0:
+        if cache is not None and now - self._checked < CHECK_SECONDS:
             return cache
         with self._lock:
             version = self._data_version()
@@ -1156,21 +1191,21 @@ class Keystore:
         return self._db.execute("PRAGMA data_version").fetchone()[0]
 
     def _cache_rows(self) -> tuple[list[Any], list[Any]]:
-        """(tid, functions JSON) per tenant; (tid, kid, sealed K, state, retire_at, parent) per key."""
+        """(tid, functions JSON) per tenant; (tid, kid, sealed K, state, retire_at, parent, created) per key."""
         db = self._db
         db.execute("BEGIN")
         try:
             tenants = db.execute("SELECT tid, functions FROM tenants").fetchall()
-            rows = db.execute("SELECT tid, kid, secret, state, retire_at, parent FROM credentials").fetchall()
+            rows = db.execute("SELECT tid, kid, secret, state, retire_at, parent, created FROM credentials").fetchall()
         finally:
             db.execute("COMMIT")
         return tenants, rows
 
     def _build_cache(self, tenants: list[Any], rows: list[Any]) -> KeyCache:
         keys: dict[tuple[str, str], CachedKey] = {}
-        successors: dict[str, RotatedKey] = {}
+        successors: dict[str, tuple[RotatedKey, int]] = {}
         retired = set()
-        for tid, kid, sealed, state, retire_at, parent in rows:
+        for tid, kid, sealed, state, retire_at, parent, created in rows:
             if state == "retired":  # its K is never decrypted again
                 retired.add((tid, kid))
                 continue
@@ -1181,10 +1216,11 @@ class Keystore:
                 continue
             keys[(tid, kid)] = CachedKey(tid, kid, k, state, retire_at)
             if state == "pending" and parent:
-                successors[parent] = RotatedKey(kid=kid, k=b64encode(k))
+                successors[parent] = (RotatedKey(kid=kid, k=b64encode(k)), created)
         for key in keys.values():
-            if key.state == "active":
-                key.rk = successors.get(key.kid)
+            successor = successors.get(key.kid) if key.state == "active" else None
+            if successor is not None:
+                key.rk, key.rk_from = successor[0], successor[1] + ROTATION_SETTLE
         functions = {tid: None if names is None else frozenset(json.loads(names)) for tid, names in tenants}
         return KeyCache(keys, functions, frozenset(retired))
 
@@ -1205,8 +1241,9 @@ class RedisKeystore(Keystore):
     counter in one MULTI/EXEC, retrying if another host changed it in between: the same
     one-transaction-per-change rule as SQLite. Secrets are sealed exactly as in SQLite (the
     hosts must share GATEWAY_MASTER_KEY). Hosts notice changes through the version counter,
-    read at most once a second, so a rotation or revocation made anywhere applies everywhere
-    within a second. Documents stay small: tenants and keys, not traffic.
+    read about once a second in a background thread (snapshot), so a rotation or revocation made
+    anywhere applies everywhere within a second or two; a host that cannot read it for MAX_STALE
+    seconds refuses calls (503). Documents stay small: tenants and keys, not traffic.
     """
 
     KEY = b"stt1:keystore"
@@ -1217,33 +1254,113 @@ class RedisKeystore(Keystore):
         url: str,
         master_key: bytes | None = None,
         clock: Callable[[], float] = time.time,
-        key_file_base: str = "gateway.db",
     ) -> None:
         import redis
 
+        # Shared by design, so it never makes (or reads) a key file of its own: the file would be
+        # relative to each process's folder, and a gateway and a `tenant add` started in two
+        # folders would each make one, sealing credentials the other cannot open. The key must
+        # come from outside, the same everywhere: GATEWAY_MASTER_KEY, or the caller's.
+        master_key = master_key if master_key is not None else _master_key_from_env()
+        if master_key is None:
+            raise ValueError(
+                f"redis keystore {url}: set GATEWAY_MASTER_KEY (the base64url of 32 random bytes) to the same "
+                "value on every host and wherever `tenant` commands run; a shared keystore makes no key file"
+            )
         self.path = url
         self.clock = clock
-        self._redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        # health_check_interval: a pooled connection idle for a second is PINGed before it is
+        # used, so one that a Redis restart closed is replaced instead of failing a call.
+        self._redis = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=1)
         self._init_cache()
+        # The request path's view: (last good KeyCache, clock time its check started). One
+        # attribute, so snapshot never pairs a cache with another cache's age.
+        self._current: tuple[KeyCache | None, float] = (None, 0.0)
+        self._due = False  # a change made through this handle: check again at the next request
+        self._error = f"redis keystore {url}: not read yet"
+        self._refreshing = threading.Lock()  # held by the one background refresh in flight
+        self._serial = threading.Lock()  # one refresh at a time, background or direct
+        self._aead = AESGCM(master_key)
         try:
             doc: dict[str, Any] | None = self._reading()
         except KeystoreUnavailable:
-            doc = None  # down for now: start, answer 503 until it is back; but make no key without it
+            doc = None  # down for now: start, and answer 503 until it is back
         first = None if doc is None else next(iter(doc["credentials"].items()), None)
-        may_create = doc is not None and first is None
-        self._aead = AESGCM(master_key if master_key is not None else load_master_key(key_file_base, may_create))
         if first is not None:
             kid, credential = first
             self._check_master_key((credential["tid"], kid, b64decode(credential["secret"])))
+        if doc is not None:  # at start waiting is fine: the first calls need not be 503s
+            with contextlib.suppress(KeystoreUnavailable):
+                self.refresh()
 
     def close(self) -> None:
         self._redis.close()
+
+    def snapshot(self) -> KeyCache:
+        """The last KeyCache read from Redis, without ever waiting for Redis.
+
+        This runs on the event loop for every request, where a Redis that hangs (stopped, a
+        network partition) would hold up every call of the worker for the socket timeout. So a
+        daemon thread refreshes the cache when it is CHECK_SECONDS old or after a change made
+        here, at most one at a time, while the last good cache serves. Once the last successful
+        check is over MAX_STALE old, this fails closed at once (KeystoreUnavailable, a 503), so
+        a revoked key stays usable for at most MAX_STALE seconds wherever Redis is unreachable.
+        """
+        now = self.clock()
+        cache, checked = self._current
+        if cache is None or self._due or now - checked >= CHECK_SECONDS:
+            self._refresh_in_background()
+        if cache is None or now - checked > MAX_STALE:
+            raise KeystoreUnavailable(f"{self._error} (no good read for {now - checked:.0f} s)")
+        return cache
+
+    def refresh(self) -> KeyCache:
+        """Check the version counter now, rebuild the cache if it moved; blocking (up to the
+        socket timeouts), so only the background thread, a start or a test calls it. Raises
+        KeystoreUnavailable. The check's age counts from before it was sent: the cache holds
+        everything committed before that time."""
+        with self._serial:
+            started = self.clock()
+            due, self._due = self._due, False  # cleared first: a change made meanwhile sets it again
+            try:
+                version = self._data_version()
+                cache = self._current[0]
+                if cache is None or version != self._version:
+                    cache = self._build_cache(*self._cache_rows())
+                    self._version = version
+            except BaseException:
+                self._due = self._due or due
+                raise
+            self._current = (cache, started)
+            return cache
+
+    def _refresh_in_background(self) -> None:
+        if not self._refreshing.acquire(blocking=False):
+            return  # one is in flight already
+        try:
+            threading.Thread(target=self._refresh_then_release, name="keystore-refresh", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the next request tries again
+            self._refreshing.release()
+
+    def _refresh_then_release(self) -> None:
+        try:
+            self.refresh()
+        except KeystoreUnavailable as exc:
+            self._error = str(exc)  # reported by the 503s once the cache is too old
+        except Exception as exc:  # a document we cannot read: fail closed the same way, and say so
+            self._error = f"redis keystore {self.path}: unreadable: {exc!r}"
+            log.error("%s", self._error)
+        finally:
+            self._refreshing.release()
 
     def _read(self, client: Any = None) -> dict[str, Any]:
         raw = (client or self._redis).get(self.KEY)
         return json.loads(raw) if raw else {"tenants": {}, "credentials": {}}
 
     def _change(self, edit: Callable[[dict[str, Any]], Any]) -> Any:
+        """One change, retried while another host changes the document first. Never called on the
+        event loop (admin commands; promotion and OTP checks run in a thread), so it then also
+        refreshes this handle's cache: its own change applies here at once, as in SQLite."""
         import redis
 
         try:
@@ -1257,12 +1374,15 @@ class RedisKeystore(Keystore):
                         pipe.set(self.KEY, json.dumps(doc, sort_keys=True))
                         pipe.incr(self.VERSION)
                         pipe.execute()
-                        self._cache = None
-                        return result
+                        break
                     except redis.WatchError:
                         continue  # another host changed it first: read again
         except redis.RedisError as exc:
             raise KeystoreUnavailable(f"redis keystore {self.path}: {exc}") from None
+        self._due = True  # if the refresh below fails, the next request's snapshot tries again
+        with contextlib.suppress(KeystoreUnavailable):
+            self.refresh()
+        return result
 
     def _reading(self) -> dict[str, Any]:
         import redis
@@ -1432,7 +1552,7 @@ class RedisKeystore(Keystore):
             (tid, None if t["functions"] is None else json.dumps(t["functions"])) for tid, t in doc["tenants"].items()
         ]
         rows = [
-            (c["tid"], kid, b64decode(c["secret"]), c["state"], c["retire_at"], c["parent"])
+            (c["tid"], kid, b64decode(c["secret"]), c["state"], c["retire_at"], c["parent"], c["created"])
             for kid, c in doc["credentials"].items()
         ]
         return tenants, rows
@@ -1503,6 +1623,9 @@ class SqliteReplayStore:
     Called on the event loop, it never waits there for a lock another connection holds (a
     backup, a long transaction, another worker): a busy database is retried in a thread for up
     to ``timeout`` seconds, so a locked store delays (then fails) its own calls, not the worker.
+    A file SQLite could only open read-only stays read-only for that connection, even once the
+    file can be written again: a write refused as read-only drops the connection (that call
+    still fails closed), so the next call opens a new one and the store recovers by itself.
     """
 
     shared = True
@@ -1522,6 +1645,7 @@ class SqliteReplayStore:
         self._db = self._connect(0)  # the event loop's: fails at once when busy
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (k BLOB PRIMARY KEY, exp INTEGER NOT NULL) WITHOUT ROWID")
+        self._stale: set[sqlite3.Connection] = set()  # opened read-only: replace before the next use
         self._lock = threading.Lock()
         self._waiting_db: sqlite3.Connection | None = None  # a thread's, that waits: made when first needed
         self._waiting_lock = threading.Lock()
@@ -1539,6 +1663,8 @@ class SqliteReplayStore:
             return self._insert_waiting(key, expires_at, time.monotonic() + self.timeout)
         if self._lock.acquire(blocking=False):
             try:
+                if self._db in self._stale:
+                    self._db = self._reconnect(self._db, 0)
                 return self._insert(self._db, key, expires_at)
             except _Busy:
                 pass
@@ -1552,8 +1678,12 @@ class SqliteReplayStore:
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 raise _Busy() from None
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_READONLY:
+                self._stale.add(db)  # see the class docstring
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                self._stale.add(db)  # see the class docstring
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         self._inserts += 1
         if self._inserts % self.purge_every == 0:
@@ -1569,6 +1699,8 @@ class SqliteReplayStore:
         try:
             if self._waiting_db is None:
                 self._waiting_db = self._connect(self.timeout)
+            elif self._waiting_db in self._stale:
+                self._waiting_db = self._reconnect(self._waiting_db, self.timeout)
             remaining = max(0.0, deadline - time.monotonic())
             self._waiting_db.execute(f"PRAGMA busy_timeout = {int(remaining * 1000)}")
             return self._insert(self._waiting_db, key, expires_at)
@@ -1578,6 +1710,17 @@ class SqliteReplayStore:
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         finally:
             self._waiting_lock.release()
+
+    def _reconnect(self, db: sqlite3.Connection, timeout: float) -> sqlite3.Connection:
+        """A new connection for one that SQLite opened read-only; ReplayStoreError (and the old
+        one kept, to be replaced at the next call) if the file still cannot be opened."""
+        try:
+            new = self._connect(timeout)
+        except sqlite3.Error as exc:
+            raise ReplayStoreError(f"sqlite replay store: {exc}") from None
+        self._stale.discard(db)
+        db.close()
+        return new
 
     def __len__(self) -> int:
         with self._lock:
@@ -1599,14 +1742,28 @@ class RedisReplayStore:
 
         self.url = url
         self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._used = 0.0  # time.monotonic() of the last command
 
     async def check_and_insert(self, key: bytes, expires_at: int) -> bool:
+        """SET NX, never retried: a retried SET that had reached Redis would find its own key
+        and refuse a fresh token as a replay.
+
+        After a Redis restart the pooled connection is dead, and the SET sent on it fails (a
+        503). So after a second idle a PING goes first, and its failure is ignored: redis-py drops
+        the dead connection, and the SET gets a new one. (health_check_interval does the same
+        PING, but redis-py 8 raises its failure unless commands are retried too, which the SET
+        must not be.) Under load no PING is sent at all."""
         import redis
 
+        if time.monotonic() - self._used > 1.0:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self._redis.ping()
         try:
             return bool(await self._redis.set(b"stt1:seen:" + key, b"1", nx=True, exat=expires_at))
         except (redis.RedisError, OSError) as exc:
             raise ReplayStoreError(f"redis replay store: {exc}") from None
+        finally:
+            self._used = time.monotonic()
 
 
 def open_replay_store(url: str, db_path: str) -> MemoryReplayStore | SqliteReplayStore | RedisReplayStore:
@@ -1646,6 +1803,14 @@ BODY_KEY = "gateway.body"
 MAX_BODY_KEY = "gateway.max_body"  # set by the gateway: the most it reads, the same for every path
 DEFAULT_MAX_BODY = 1 << 20  # when no gateway sets MAX_BODY_KEY
 REQUEST_ID_KEY = "gateway.request_id"
+
+# Security._log's kinds of line: (level, format with the request id and the reason, the line
+# that says more were dropped this second).
+_LOG_KINDS = {
+    "refused": (logging.WARNING, "request %s: 401: %s", "more refused tokens this second; not logging them"),
+    "alert": (logging.WARNING, "request %s: 401: %s", "more ALERTs this second; not logging them"),
+    "store": (logging.ERROR, "request %s: %s", "more store failures this second; not logging them"),
+}
 
 _UNAUTHORIZED = b'{"valid":false,"error":{"code":"unauthorized","message":"missing, invalid or expired token"}}'
 
@@ -1761,7 +1926,7 @@ class Security:
         self.min_iat = math.ceil(boot) if not getattr(replay, "shared", False) else 0
         self.throttle = throttle or Throttle()
         self.on_failure: Callable[[str], None] | None = None  # called with a FAILURE_REASONS entry
-        self._log_budget = (0, 0)  # (second, lines logged in it)
+        self._log_budgets: dict[str, tuple[int, int]] = {}  # per kind of line (_LOG_KINDS): (second, lines in it)
 
     def wrap(
         self, app: Callable[[_Scope, _Receive, _Send], Awaitable[None]]
@@ -1785,14 +1950,14 @@ class Security:
             tid = footer.tid
             if footer.direction != "c2s":
                 raise _Refused("direction", "s2c token sent as a request")
-            if abs(now - footer.iat) > MAX_SKEW:  # 3
-                raise _Refused("clock", f"iat {footer.iat} is {now - footer.iat:+.0f} s from now")
+            if abs(int(now) - footer.iat) > MAX_SKEW:  # 3: whole seconds, as iat is, so ±45 s is exact (PROTOCOL.md 8)
+                raise _Refused("clock", f"iat {footer.iat} is {footer.iat - int(now):+d} s from now")
             if footer.iat < self.min_iat:
                 raise _Refused("before_boot", "iat before this process started (memory replay store)")
             try:
                 cache = self.keystore.snapshot()
             except KeystoreUnavailable as exc:  # no key can be trusted: fail closed
-                log.error("request %s: %s", request_id.decode(), exc)
+                self._log("store", request_id, str(exc))
                 self._failed("keystore_unavailable")
                 return await _reply(send, 503, _error(b"overloaded", b"key store unavailable"), request_id)
             key = cache.keys.get((tid, footer.kid))  # 4
@@ -1812,8 +1977,8 @@ class Security:
             # again, at the time of the replay check. Otherwise a used token could arrive in
             # time, send its body once its jti (kept until iat + 50) is forgotten, and run twice.
             now = self.clock()
-            if abs(now - footer.iat) > MAX_SKEW:
-                raise _Refused("clock", f"iat {footer.iat} is {now - footer.iat:+.0f} s from now, after the body")
+            if abs(int(now) - footer.iat) > MAX_SKEW:
+                raise _Refused("clock", f"iat {footer.iat} is {footer.iat - int(now):+d} s from now, after the body")
             if not key.usable(now):
                 raise _Refused("unknown_kid", "kid retired or expired while the body was read")
             target = scope.get("raw_path") or scope["path"].encode()
@@ -1835,20 +2000,22 @@ class Security:
             if not isinstance(fresh, bool):  # a networked store (Redis) answers with an awaitable
                 fresh = await fresh
         except Exception as exc:  # any store failure: fail closed
-            log.error("request %s: replay store failed: %s", request_id.decode(), exc)
+            self._log("store", request_id, f"replay store failed: {exc}")
             self._failed("replay_store_unavailable")
             return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)
         if not fresh:
-            self._log(request_id, f"replayed jti from tenant {tid}")
+            self._log("refused", request_id, f"replayed jti from tenant {tid}")
             self._failed("replayed")
             return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
         if key.state == "pending":  # 10
             try:
-                promoted = self.keystore.promote(key.kid)
+                # A write (SQLite waits up to REQUEST_WAIT for its lock, Redis a round trip): in a
+                # thread, so it holds up this call only, never the worker's event loop.
+                promoted = await asyncio.to_thread(self.keystore.promote, key.kid)
             except (sqlite3.Error, OSError) as exc:
                 # Locked, read-only or full. The call is still good: a pending kid is as valid as an
                 # active one, and only the old kid's retirement waits. The next call under it retries.
-                log.error("request %s: kid %s not promoted yet: %s", request_id.decode(), key.kid, exc)
+                self._log("store", request_id, f"kid {key.kid} not promoted yet: {exc}")
                 promoted = False
             if promoted:
                 log.info(
@@ -1875,24 +2042,40 @@ class Security:
     async def _unauthorized(
         self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str, detail: str
     ) -> None:
-        if self.throttle.blocked("addr", address, now) or (tid is not None and self.throttle.blocked("tid", tid, now)):
+        blocked = self.throttle.blocked("addr", address, now) or (
+            tid is not None and self.throttle.blocked("tid", tid, now)
+        )
+        # Logged first, whatever the answer: a throttled address must not be a place to use a
+        # revoked key unseen (its ALERT), after a few junk tokens have earned it the 429s.
+        answered = " (answered 429: throttled)" if blocked else ""
+        kind = "alert" if detail.startswith("ALERT") else "refused"
+        self._log(kind, request_id, f"{detail} (tenant {tid or '-'}, address {address}){answered}")
+        if blocked:
             return await self._throttled(send, request_id)
         self.throttle.fail("addr", address, now)
         if tid is not None:
             self.throttle.fail("tid", tid, now)
         self._failed(reason)
-        self._log(request_id, f"{detail} (tenant {tid or '-'}, address {address})")
         await _reply(send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
 
-    def _log(self, request_id: bytes, reason: str) -> None:
-        # Rate-limited: a flood of bad tokens must not become a flood of log lines.
+    def _log(self, kind: str, request_id: bytes, reason: str) -> None:
+        """A line of one of _LOG_KINDS, at most 10 a second of each kind.
+
+        A flood of bad tokens, or an outage in which every call fails, must not become a flood
+        of log lines that buries the rest (and fills the disk) while saying nothing the first
+        ten did not. Each kind has its own budget, so none hides another: junk tokens cannot use
+        up the lines a revoked key's ALERT needs (forging that ALERT takes the kid, and then
+        every forgery is an ALERT line itself), nor an outage those of the refusals.
+        """
+        level, form, more = _LOG_KINDS[kind]
         second = int(self.clock())
-        logged = self._log_budget[1] + 1 if self._log_budget[0] == second else 1
-        self._log_budget = (second, logged)
+        last, logged = self._log_budgets.get(kind, (0, 0))
+        logged = logged + 1 if last == second else 1
+        self._log_budgets[kind] = (second, logged)
         if logged <= 10:
-            log.warning("request %s: 401: %s", request_id.decode(), reason)
+            log.log(level, form, request_id.decode(), reason)
         elif logged == 11:
-            log.warning("more refused tokens this second; not logging them")
+            log.log(level, more)
 
     def _signing_send(self, send: _Send, key: CachedKey, request_jti: str) -> _Send:
         start: Any = None
@@ -1917,10 +2100,12 @@ class Security:
                 if name.lower() == b"content-type":
                     content_type = value
                     break
-            rk = key.rk if 200 <= status < 300 and key.rk is not None else msgspec.UNSET
+            now = self.clock()
+            offered = key.offered_rk(now) if 200 <= status < 300 else None
+            rk = msgspec.UNSET if offered is None else offered
             token = mint(
                 key.s2c,
-                int(self.clock()),
+                int(now),
                 ResponseClaims(jti=new_jti(), rk=rk),
                 response_assertion(self.audience, request_jti, status, content_type, body),
             )

@@ -601,6 +601,7 @@ def rotated(stack: Stack, cred: Cred | None = None) -> Cred:
     """Rotate a tenant's key (acme's by default); the successor its next answer delivers (rk)."""
     cred = cred or stack.acme
     stack.keystore.rotate(cred.tid)
+    stack.clock.now += s.ROTATION_SETTLE  # rk is offered once every worker's cache knows the successor
     rk = response_claims(stack, stack.call(cred), cred).rk
     assert isinstance(rk, s.RotatedKey)
     return Cred(cred.tid, rk.kid, s.b64decode(rk.k))
@@ -788,6 +789,24 @@ def test_a_read_only_replay_store_fails_closed_and_recovers_by_itself(tmp_path, 
     with immutable(path, Path(f"{path}-wal")):
         for _ in range(3):
             overloaded(stack, stack.call(), "replay protection unavailable")
+        assert stack.calls["add"] == before
+    assert stack.call().status == 200  # writable again: no restart needed
+    assert intact(path)
+
+
+def test_a_replay_store_read_only_at_start_recovers_once_writable(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
+    """SQLite opens a file it cannot write read-only, and that connection stays read-only after the
+    file becomes writable: the store must drop it on the first refused write and open a new one."""
+    clock = Clock(T0)
+    path = tmp_path / "replay.db"
+    made = s.SqliteReplayStore(path, clock=clock)  # an existing store, as a restart finds it
+    assert made.check_and_insert(b"k" * 32, int(T0) + 50)
+    with immutable(path, Path(f"{path}-wal")):
+        store = s.SqliteReplayStore(path, clock=clock, timeout=0.3)  # starts on the read-only file
+        stack = make_stack(tmp_path, serve, clock=clock, replay=store)
+        before = stack.calls["add"]
+        for _ in range(2):
+            overloaded(stack, stack.call(), "replay protection unavailable")  # fails closed meanwhile
         assert stack.calls["add"] == before
     assert stack.call().status == 200  # writable again: no restart needed
     assert intact(path)

@@ -137,6 +137,20 @@ def test_redis_down_fails_closed_and_recovers_by_itself(redis_server: RedisServe
     assert stack.calls["add"] == before + 1
 
 
+def test_the_first_call_after_a_redis_restart_is_served(redis_server: RedisServer, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    """The pooled connection died with the old Redis: a PING after a second idle finds that out,
+    so the SET NX (never retried) goes on a new connection instead of failing the call."""
+    clock = Clock(time.time())
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    stack = secured(tmp_path, serve, redis_server.url, clock, keystore, acme)
+    assert stack.call().status == 200
+    redis_server.stop()
+    redis_server.start()  # the same port, a new process
+    time.sleep(1.1)  # the connection has been idle for over a second
+    assert stack.call().status == 200
+
+
 def test_the_cli_accepts_a_redis_replay_store_with_workers(redis_server: RedisServer, tmp_path: Path) -> None:
     (tmp_path / "modules").mkdir()
     process = subprocess.Popen(
@@ -150,6 +164,14 @@ def test_the_cli_accepts_a_redis_replay_store_with_workers(redis_server: RedisSe
 
 
 # -- the shared keystore -------------------------------------------------------------------------
+
+
+def checked(keystore: s.Keystore) -> s.KeyCache:
+    """The keystore's cache as of now: a Redis keystore's request path only reads the cache a
+    background thread refreshes, so a test that needs it current asks for the check itself."""
+    if isinstance(keystore, s.RedisKeystore):
+        keystore.refresh()
+    return keystore.snapshot()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -176,16 +198,18 @@ def test_both_keystores_keep_the_same_rules(keystores) -> None:  # type: ignore[
     with pytest.raises(ValueError, match="no tenant 'ghost'"):
         other.rotate("ghost")
     clock.now += 1.5
-    cache = other.snapshot()
+    cache = checked(other)
     assert cache.keys[("acme", kid)].c2s.kid == kid and cache.functions["acme"] == frozenset({"add"})
+    made_at = int(clock.now)
     [(tid, old, new)] = other.rotate("acme")
     assert (tid, old) == ("acme", kid) and other.rotate("acme") == []  # at most one pending
     clock.now += 1.5
-    assert one.snapshot().keys[("acme", kid)].rk.kid == new  # type: ignore[union-attr]
+    cached = checked(one).keys[("acme", kid)]
+    assert cached.rk.kid == new and cached.rk_from == made_at + s.ROTATION_SETTLE  # type: ignore[union-attr]
     assert one.promote(new) and not other.promote(new)  # once, whichever host sees it first
     states = {row["kid"]: row["state"] for row in other.rows()}
     assert states == {kid: "retiring", new: "active"}
-    assert other.revoke("acme") == 2 and one.is_retired("acme", kid)
+    assert other.revoke("acme") == 2 and kid in {k for _, k in checked(one).retired}
     kid2, _ = one.add_credential("acme")
     [(_, _, successor)] = other.rotate("acme")
     assert one.revoke(kid2) == 2  # a kid goes with its pending successor
@@ -218,15 +242,25 @@ def test_both_keystores_share_the_otp_lock_between_hosts(keystores) -> None:  # 
     assert one.check_otp("acme", totp.at(clock.now), clock.now)
 
 
-def test_a_host_without_the_master_key_makes_none_for_a_redis_keystore_in_use(
-    redis_server: RedisServer, tmp_path: Path
+def test_a_redis_keystore_needs_the_shared_master_key_and_makes_no_key_file(
+    redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = s.RedisKeystore(redis_server.url, key_file_base=str(tmp_path / "admin.db"))  # empty: makes a key
-    first.add_tenant("acme")
-    assert (tmp_path / "admin.db.key").exists()
-    with pytest.raises(ValueError, match="no master key"):  # another shell, without GATEWAY_MASTER_KEY
-        s.RedisKeystore(redis_server.url, key_file_base=str(tmp_path / "other.db"))
-    assert not (tmp_path / "other.db.key").exists()
+    """Shared by every host and every folder a `tenant` command runs in: a key file of its own,
+    relative to each process's folder, would give the gateway and `tenant add` two keys."""
+    monkeypatch.delenv("GATEWAY_MASTER_KEY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gateway.db.key").write_bytes(os.urandom(32))  # a key file beside it is never read
+    with pytest.raises(ValueError, match="set GATEWAY_MASTER_KEY .* a shared keystore makes no key file"):
+        s.RedisKeystore(redis_server.url)  # even while the keystore is empty
+    (tmp_path / "gateway.db.key").unlink()
+    assert list(tmp_path.iterdir()) == []  # no key file anywhere
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", s.b64encode(os.urandom(32)))
+    gateway_side = s.RedisKeystore(redis_server.url)  # started in one folder ...
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    kid, _ = s.RedisKeystore(redis_server.url).add_tenant("acme")  # ... `tenant add` run in another
+    assert ("acme", kid) in checked(gateway_side).keys  # sealed under the one shared key
+    monkeypatch.delenv("GATEWAY_MASTER_KEY")
     with pytest.raises(ValueError, match="does not open the credentials"):
         s.RedisKeystore(redis_server.url, master_key=os.urandom(32))
 
@@ -249,16 +283,19 @@ def test_hosts_sharing_a_redis_keystore_see_rotation_and_revocation(
              for _ in range(2)]
     assert [host.call().status for host in hosts] == [200, 200]
     [(_, _, new)] = admin.rotate("acme")
-    clock.now += 1.5
+    clock.now += s.ROTATION_SETTLE  # rk is offered only once every host's cache knows the successor
+    for host in hosts:
+        checked(host.keystore)  # what their background refresh does about once a second
     rk = response_claims(hosts[0], hosts[0].call()).rk
     assert rk.kid == new  # type: ignore[union-attr]
     successor = Cred("acme", new, s.b64decode(rk.k))  # type: ignore[union-attr]
     assert hosts[1].call(successor).status == 200  # promoted on host 2 ...
     clock.now += 1.5
+    checked(hosts[0].keystore)
     assert response_claims(hosts[0], hosts[0].call()).rk is s.msgspec.UNSET  # ... and host 1 knows
     admin.revoke(new)
     clock.now += 1.5
-    assert [host.call(successor).status for host in hosts] == [401, 401]
+    assert [host.call(successor).status for host in hosts if checked(host.keystore)] == [401, 401]
 
 
 def test_a_redis_keystore_down_fails_closed(redis_server: RedisServer, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
@@ -272,13 +309,53 @@ def test_a_redis_keystore_down_fails_closed(redis_server: RedisServer, tmp_path:
     try:
         stranger = host.call(Cred("acme", s.new_jti(), os.urandom(32)))  # an unknown kid: the cache answers
         assert stranger.status == 401 and stranger.header("stt1-response") is None
-        clock.now += 1.5  # the next version check goes to Redis, and times out
+        clock.now += s.MAX_STALE + 0.5  # no successful check for that long: the cache is not trusted
         down = host.call()
         assert down.status == 503 and down.header("stt1-response") is None
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
-    clock.now += 1.5
-    assert host.call().status == 200  # back by itself
+    back_by_itself(host)
+
+
+def back_by_itself(host: Stack) -> None:
+    """Calls turn 200 again with no help: the next call starts a background check that succeeds."""
+    deadline = time.monotonic() + 10
+    while (answer := host.call()).status != 200:
+        assert answer.status == 503 and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_a_hung_redis_keystore_holds_up_no_request_and_fails_closed_after_max_stale(
+    redis_server: RedisServer, tmp_path: Path, serve  # type: ignore[no-untyped-def]
+) -> None:
+    """Redis stopped (SIGSTOP: connections accepted, nothing answered). The request path never
+    waits for it: the cache a background thread keeps serves, each call in far less than the
+    1 s socket timeout, until the last good check is MAX_STALE old; then 503 at once."""
+    clock = Clock(time.time())
+    keystore = s.RedisKeystore(redis_server.url, os.urandom(32), clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    keystore.refresh()
+    security = s.Security(keystore, s.MemoryReplayStore(clock=clock), AUD, clock=clock, boot_time=clock.now - 100)
+    host = Stack(serve(gateway.create_app(FIXTURES / "e2e", security=security, reload=False)),
+                 keystore, security, clock, acme, acme)  # fmt: skip
+    assert host.call().status == 200
+    good_check = clock.now
+    assert redis_server.process is not None
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(10):  # every call finds a check due; none may wait for Redis
+            clock.now += 0.5
+            started = time.monotonic()
+            assert host.call().status == 200
+            assert time.monotonic() - started < 0.3
+        clock.now = good_check + s.MAX_STALE + 0.1
+        started = time.monotonic()
+        down = host.call()
+        assert down.status == 503 and down.header("stt1-response") is None
+        assert time.monotonic() - started < 0.3  # refused at once, without asking Redis
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    back_by_itself(host)
 
 
 def test_the_tenant_cli_works_on_a_redis_keystore(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -586,7 +586,7 @@ def test_the_keystore_allow_list_follows_changes_made_elsewhere(stack: Stack, tm
 def test_rotation_in_band_from_rk_to_promotion_to_retirement(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
     [(tid, old, new)] = stack.keystore.rotate("acme")
     assert (tid, old) == ("acme", stack.acme.kid)
-    stack.clock.now += 1.5
+    stack.clock.now += s.ROTATION_SETTLE  # offered once every worker's cache knows it (see below)
     first, again = stack.call(), stack.call()
     rk = response_claims(stack, first).rk
     assert isinstance(rk, s.RotatedKey) and rk.kid == new
@@ -617,7 +617,7 @@ def test_rotation_policy_makes_successors_for_old_credentials_only(stack: Stack)
 
 def test_revoking_a_kid_during_a_rotation_revokes_its_successor_too(stack: Stack) -> None:
     [(_, old, new)] = stack.keystore.rotate("acme")
-    stack.clock.now += 1.5
+    stack.clock.now += s.ROTATION_SETTLE
     rk = response_claims(stack, stack.call()).rk  # whoever holds K, owner or thief, is sent K'
     assert rk is not None and rk.kid == new
     assert stack.keystore.revoke(old) == 2
@@ -635,8 +635,9 @@ def test_a_revoked_kid_is_refused_and_its_use_raises_an_alert(stack: Stack, capl
         refused(stack, stack.call())
         for _ in range(20):  # anyone who has seen the kid can name it: such alerts keep to the log budget
             refused(stack, stack.call(Cred("acme", stack.acme.kid, os.urandom(32))))
-    alerts = [r.getMessage() for r in caplog.records if r.name == "gateway.security" and "ALERT" in r.getMessage()]
+    alerts = [r.getMessage() for r in caplog.records if r.name == "gateway.security" and "ALERT:" in r.getMessage()]
     assert 1 <= len(alerts) <= 10 and stack.acme.kid in alerts[0]
+    assert "more ALERTs this second; not logging them" in caplog.text
     assert stack.call(stack.globex).status == 200
 
 
@@ -850,7 +851,7 @@ def test_secrets_never_reach_logs_reprs_or_bodies(stack: Stack, caplog, tmp_path
             stack.call(Cred("acme", stack.acme.kid, stack.globex.k)),
         ]
         stack.keystore.rotate("acme")
-        stack.clock.now += 1.5
+        stack.clock.now += s.ROTATION_SETTLE
         answers.append(stack.call())
     secrets_ = [stack.acme.k, stack.globex.k]
     cache = stack.keystore.snapshot()
@@ -941,6 +942,7 @@ def test_the_rotation_policy_runs_in_the_server(tmp_path: Path, serve) -> None: 
     while len(keystore.rows()) < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert [row["state"] for row in keystore.rows()] == ["active", "pending"]
+    clock.now += s.ROTATION_SETTLE
     assert isinstance(response_claims(stack, stack.call()).rk, s.RotatedKey)
 
 
@@ -955,3 +957,83 @@ def test_the_memory_store_purges_by_time_even_with_one_expiry_second() -> None:
     clock.now = T0 + 51
     store.check_and_insert(b"y" * 32, int(T0) + 101)
     assert len(store) == 2  # ... and within a second after it
+
+
+# -- review fixes: rotation across workers, logs under throttling and outages, the clock window ----
+
+
+def test_a_successor_is_offered_only_once_every_worker_knows_it(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    """Two workers (two Security instances, each its own keystore connection and cache) over one
+    SQLite file. rk is offered only ROTATION_SETTLE after the successor was made, and from then on
+    a call under the new kid succeeds on the other worker too, however its cache was timed."""
+    clock = Clock(T0)
+    one = make_stack(tmp_path, serve, clock=clock)
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    other = Stack(serve(gateway.create_app(FIXTURES / "e2e", security=s.Security(
+        keystore, s.MemoryReplayStore(clock=clock), AUD, clock=clock, boot_time=T0 - 100,
+        throttle=s.Throttle(per_address=10**9, per_tenant=10**9)), max_body=2000)),
+        keystore, one.security, clock, one.acme, one.globex)  # fmt: skip
+    assert other.call().status == 200  # the other worker's cache is checked now, at T0
+    [(_, _, new)] = one.keystore.rotate("acme")
+    offered = []
+    for clock.now in (T0 + 0.5, int(T0) + s.ROTATION_SETTLE - 0.1, int(T0) + s.ROTATION_SETTLE):
+        rk = response_claims(one, one.call()).rk
+        if isinstance(rk, s.RotatedKey):  # the client switches at once, and may reach the other worker
+            assert other.call(Cred("acme", rk.kid, s.b64decode(rk.k))).status == 200
+            offered.append(clock.now)
+    assert offered == [int(T0) + s.ROTATION_SETTLE] and rk.kid == new  # type: ignore[union-attr]
+
+
+def test_a_throttled_address_still_logs_the_alert_for_a_retired_kid(tmp_path: Path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve, throttle=s.Throttle(per_address=3, per_tenant=10**9))
+    stolen = stack.acme
+    stack.keystore.revoke(stolen.kid)
+    stack.clock.now += 1.5
+    for _ in range(3):  # junk first, until the address is throttled
+        stack.call(Cred("acme", s.new_jti(), os.urandom(32)))
+    stack.clock.now += 1  # a new second: the log budget is not what hides anything here
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        answer = stack.call(stolen)
+    assert answer.status == 429 and answer.header("stt1-response") is None  # the answer is unchanged
+    assert f"ALERT: a token names retired kid {stolen.kid}" in caplog.text
+    assert "answered 429" in caplog.text
+
+
+def test_junk_tokens_cannot_use_up_the_log_lines_an_alert_needs(tmp_path: Path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Refusals are logged 10 a second: 20 junk tokens in the second a revoked key is used hid
+    its ALERT while both shared one budget."""
+    stack = make_stack(tmp_path, serve)
+    stolen = stack.acme
+    stack.keystore.revoke(stolen.kid)
+    stack.clock.now += 1.5
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        for _ in range(20):
+            stack.call(Cred("acme", s.new_jti(), os.urandom(32)))
+        refused(stack, stack.call(stolen))
+    assert "more refused tokens this second; not logging them" in caplog.text
+    assert f"ALERT: a token names retired kid {stolen.kid}" in caplog.text
+
+
+@pytest.mark.parametrize(("skew", "accepted"), [(-46, False), (-45, True), (45, True), (46, False)])
+def test_the_clock_window_counts_whole_seconds_whatever_the_fraction(tmp_path: Path, serve, caplog, skew: int,  # type: ignore[no-untyped-def]
+                                                                     accepted: bool) -> None:
+    """PROTOCOL.md 8: iat = now +-45 s accepted, +-46 s refused, with now in whole seconds, as iat is."""
+    stack = make_stack(tmp_path, serve, clock=Clock(T0 + 0.7))
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        answer = stack.with_token(mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0) + skew)[0])
+    if accepted:
+        assert answer.status == 200
+    else:
+        refused(stack, answer)
+        assert f"iat {int(T0) + skew} is {skew:+d} s from now" in caplog.text  # its sign: past is minus
+
+
+def test_store_failures_are_logged_within_a_budget_of_their_own(tmp_path: Path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    stack = make_stack(tmp_path, serve, replay=BrokenStore())
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        for _ in range(50):  # one second of the (fake) clock
+            assert stack.call().status == 503
+        refused(stack, stack.call(aud="https://elsewhere.test"))  # a 401 has its own budget still
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 11 and errors[-1] == "more store failures this second; not logging them"
+    assert "401: token does not verify" in caplog.text
