@@ -661,7 +661,7 @@ def machine() -> dict[str, str]:
     dirty = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--",
          "gateway.py", "gateway_app.py", "security.py", "modules", "bench", "requirements.txt",
-         "requirements-dev.txt"],
+         "requirements-dev.txt", *OUTPUTS],
         capture_output=True, text=True,
     )  # fmt: skip
     return {
@@ -674,6 +674,9 @@ def machine() -> dict[str, str]:
         "gateway commit": commit.stdout.strip() + (" (+ uncommitted changes)" if dirty.stdout.strip() else ""),
     }
 
+
+# What the run writes itself (the soak's report comes before this one is rendered): not a change.
+OUTPUTS = (":(exclude)bench/RESULTS.md", ":(exclude)bench/SOAK.md")
 
 VERSIONED = (
     "uvicorn", "uvloop", "httptools", "starlette", "msgspec", "cryptography", "pyseto", "fastapi", "pydantic",

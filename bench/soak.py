@@ -429,7 +429,8 @@ def report(
     git = ["git", "-C", str(run.ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
     dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "gateway.py", "gateway_app.py", "security.py", "modules", "bench"],
+        [*git, "status", "--porcelain", "--", "gateway.py", "gateway_app.py", "security.py", "modules", "bench",
+         *run.OUTPUTS],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     load_text = (
