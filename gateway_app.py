@@ -480,6 +480,14 @@ def _from_url(hint: Any) -> bool:
     """Can the URL's <var1>, a string, be a value of this type? A number, a string, an enum, a
     date..., or a union of those: yes. A list, a dict or a struct: no, so the catalog and the
     OpenAPI description do not offer the URL for it (a try is still a clear 422)."""
+    try:
+        return _from_url_cached(hint)  # a schema costs ~14 us; most hints are a few plain types
+    except TypeError:  # an unhashable hint
+        return _from_url_cached.__wrapped__(hint)
+
+
+@functools.lru_cache(maxsize=256)
+def _from_url_cached(hint: Any) -> bool:
     schema = msgspec.json.schema(hint, schema_hook=_schema_hook)
     defs = schema.get("$defs", {})
 
