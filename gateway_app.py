@@ -385,6 +385,17 @@ def _walk(folder: Path) -> Iterator[Path]:
             yield child
 
 
+def _defined_function(obj: Any, module_name: str) -> bool:
+    """A function defined in this module, decorated or not (functools.lru_cache, @wraps): what
+    ``"*"`` exposes. Not a class, not an imported name (its __module__ is another's)."""
+    if inspect.isclass(obj) or not callable(obj) or getattr(obj, "__module__", None) != module_name:
+        return False
+    try:
+        return inspect.isfunction(inspect.unwrap(obj))
+    except Exception:  # a __wrapped__ chain that loops, or an attribute that raises: not ours to expose
+        return False
+
+
 def _exposed_of(module: types.ModuleType, source: str) -> list[Exposed]:
     listing = getattr(module, "__all_exposed__", None)
     if listing is None:
@@ -393,7 +404,7 @@ def _exposed_of(module: types.ModuleType, source: str) -> list[Exposed]:
         entries = [
             Entry(name)
             for name, obj in vars(module).items()
-            if inspect.isfunction(obj) and obj.__module__ == module.__name__ and not name.startswith("_")
+            if not name.startswith("_") and _defined_function(obj, module.__name__)
         ]
     elif isinstance(listing, (list, tuple)):
         entries = [_entry(item) for item in listing]

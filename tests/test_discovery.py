@@ -135,3 +135,35 @@ def test_a_module_raising_a_base_exception_at_import_is_refused_too(tmp_path, co
     catalog = gateway._load_in_thread(tmp_path).result()
     assert [str(r) for r in catalog.refused] == [f"{tmp_path / 'cancels.py'}: {refusal}"]
     assert list(catalog.functions) == ["fine"]
+
+
+def test_star_exposes_decorated_functions_defined_here_and_nothing_else(tmp_path) -> None:
+    """An lru_cache'd function is not an inspect.isfunction: "*" skipped it, though listing it
+    by name worked."""
+    (tmp_path / "starred.py").write_text(
+        "import functools\n"
+        "from os.path import join\n"
+        "__all_exposed__ = '*'\n\n"
+        "def _wrap(f):\n"
+        "    @functools.wraps(f)\n"
+        "    def inner(*args, **kwargs):\n"
+        "        return f(*args, **kwargs)\n"
+        "    return inner\n\n"
+        "@functools.lru_cache(maxsize=8)\n"
+        "def cached(n: int) -> int:\n"
+        "    return n * 2\n\n"
+        "@_wrap\n"
+        "def wrapped(n: int) -> int:\n"
+        "    return n + 1\n\n"
+        "def plain(n: int) -> int:\n"
+        "    return n\n\n"
+        "class Thing:\n"
+        "    def __call__(self) -> int:\n"
+        "        return 1\n\n"
+        "thing = Thing()\n"
+        "imported = join\n"
+    )
+    catalog = gateway.load_modules(tmp_path)
+    assert catalog.refused == ()
+    assert sorted(catalog.functions) == ["cached", "plain", "wrapped"]
+    assert catalog.functions["cached"].func(3) == 6
