@@ -252,7 +252,12 @@ function collect(fields, var1Name, lenient = false) {
     let value;
     if (kind.kind === "integer" || kind.kind === "number") {
       value = Number(text.trim());
-      if (!Number.isFinite(value) || (kind.kind === "integer" && !Number.isInteger(value))) {
+      const digits = text.trim();
+      if (kind.kind === "integer" && !Number.isSafeInteger(value) && /^-?[0-9]+$/.test(digits)
+          && typeof JSON.rawJSON === "function") {
+        value = BigInt(digits); // past 2**53 a Number would change the digits sent (stt1.js writes them)
+      }
+      if (typeof value === "number" && (!Number.isFinite(value) || (kind.kind === "integer" && !Number.isInteger(value)))) {
         if (lenient) continue;
         return { problem: `${param} must be a ${KIND_WORDS[kind.kind]}; "${text}" is not.` };
       }
@@ -290,7 +295,8 @@ async function call(form, name, fields, entry) {
     const value = await client.request(name, args, { var1, otp });
     show(form, {
       verdict: "Verified: signed by the gateway for this call", tone: "ok", state: "verified",
-      result: JSON.stringify(value, null, 2), meta: `${Math.round(performance.now() - started)} ms`,
+      result: JSON.stringify(value, (k, v) => (typeof v === "bigint" ? JSON.rawJSON(String(v)) : v), 2),
+      meta: `${Math.round(performance.now() - started)} ms`,
     });
   } catch (err) {
     if (!(err instanceof GatewayError)) {

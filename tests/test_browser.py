@@ -323,6 +323,28 @@ def test_the_console_refuses_answers_tampered_in_transit(browser: Browser, conso
         assert click_call(page, "add", a="2", b="3")["result"] == "5"
 
 
+def test_integers_past_2_53_keep_every_digit_both_ways(browser: Browser, console: Console) -> None:
+    """A nanosecond timestamp or a 64-bit id: as JS numbers they lost digits, sent and shown
+    (under "Verified"), and 10**400 was shown as null."""
+    (console.gateway.app.modules / "big.py").write_text(  # type: ignore[operator]
+        '__all_exposed__ = ["twice", "huge"]\n\n\ndef twice(n: int) -> int:\n    return n * 2\n\n\n'
+        "def huge() -> int:\n    return 10**400\n"
+    )
+    deadline = time.monotonic() + 10
+    while "huge" not in console.gateway.app.catalog.functions:
+        assert time.monotonic() < deadline, "the saved module was not served"
+        time.sleep(0.05)
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        page.wait_for_selector("form[data-function=huge]")
+        doubled = click_call(page, "twice", n="9007199254740993")
+        assert doubled["state"] == "verified" and doubled["result"] == "18014398509481986", doubled
+        assert doubled["target"].endswith("/rest/twice/9007199254740993")
+        assert click_call(page, "twice", n="21")["result"] == "42"
+        shown = click_call(page, "huge")
+        assert shown["state"] == "verified" and shown["result"] == "1" + "0" * 400
+
+
 def test_no_answer_at_all_is_shown_as_not_delivered(browser: Browser, console: Console) -> None:
     with console_page(browser, console) as page:
         load_credential(page, console.gateway.cred)
