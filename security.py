@@ -1574,6 +1574,12 @@ class MemoryReplayStore:
     Keys are SHA-256 digests (replay_key), so it keeps their first 16 bytes: 128 bits leave a
     collision (a fresh token refused) at odds of about 2**-88 with millions of entries, and
     halve the memory per entry. Expired keys go at most a second after their expiry.
+
+    Under steady load the set's table (16 MB at half a million keys) is rebuilt every twenty
+    seconds or so, as purged keys leave dummy slots. glibc serves big blocks from mmap and
+    returns them on free, but its threshold for that rises to the largest block freed, so the
+    next table came from the heap and the freed one stayed in the RSS: one 16 MB step a soak
+    read as growth. Once the store is big, the threshold is pinned (_return_big_blocks).
     """
 
     shared = False  # another process cannot see it: the gateway refuses it with --workers > 1
@@ -1600,6 +1606,8 @@ class MemoryReplayStore:
                 self._next_purge = now + 1
                 if len(self._seen) >= self.max_entries:
                     raise ReplayStoreError("memory replay store is full")
+                if len(self._seen) >= _BIG_STORE:
+                    _return_big_blocks()
             self._seen.add(key)
             bucket = self._buckets.get(expires_at)
             if bucket is None:
@@ -1611,6 +1619,24 @@ class MemoryReplayStore:
     def _purge(self, now: int) -> None:
         for expires_at in [t for t in self._buckets if t < now]:
             self._seen.difference_update(self._buckets.pop(expires_at))
+
+
+_BIG_STORE = 1 << 16  # keys: from here the set's table is megabytes (see MemoryReplayStore)
+
+
+@functools.cache
+def _return_big_blocks() -> None:
+    """Pin glibc's mmap threshold at its default, 128 KiB, once per process.
+
+    Set explicitly, it no longer rises to the size of the largest block freed, so every big
+    block (a set's table) is mmapped and goes back to the OS when freed. Elsewhere than glibc
+    (musl, macOS) there is no mallopt: nothing to do. Imported here, not at start: ctypes
+    costs a few milliseconds that a start without a big store need not pay.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
 
 
 class _Busy(Exception):
