@@ -949,6 +949,8 @@ class Keystore:
         self._aead = AESGCM(master_key if master_key is not None else load_master_key(self.path, sealed is None))
         self._check_master_key(sealed)
         self._init_cache()
+        self._cache: KeyCache | None = None  # the request path's view (see snapshot)
+        self._checked = 0.0  # when data_version was last read
 
     def _check_master_key(self, sealed: tuple[str, str, bytes] | None) -> None:
         """Open one stored credential now: a wrong master key is refused at start, in words,
@@ -965,11 +967,9 @@ class Keystore:
             ) from None
 
     def _init_cache(self) -> None:
-        """The request path's view of the store (see snapshot), shared by both backends."""
+        """What both backends' caches need; each keeps its cache its own way (see snapshot)."""
         self._lock = threading.RLock()
-        self._cache: KeyCache | None = None
-        self._version: object = None
-        self._checked = 0.0
+        self._version: object = None  # the store's change counter the cache was built at
 
     def close(self) -> None:
         self._db.close()

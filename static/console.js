@@ -251,8 +251,8 @@ function collect(fields, var1Name, lenient = false) {
     if (text === "" && kind.kind === "string") continue;
     let value;
     if (kind.kind === "integer" || kind.kind === "number") {
-      value = Number(text.trim());
       const digits = text.trim();
+      value = Number(digits);
       if (kind.kind === "integer" && !Number.isSafeInteger(value) && /^-?[0-9]+$/.test(digits)
           && typeof JSON.rawJSON === "function") {
         value = BigInt(digits); // past 2**53 a Number would change the digits sent (stt1.js writes them)
