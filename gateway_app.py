@@ -652,7 +652,10 @@ class Dispatcher:
                     work = self.executor.submit(fn.func, **kwargs)
                     result = await asyncio.shield(asyncio.wrap_future(work))
                 # A coroutine, also from a sync function (an async one behind a plain decorator): run it.
-                return await result if inspect.isawaitable(result) else result
+                result = await result if inspect.isawaitable(result) else result
+            if deadline.expired():  # it caught the cancellation and went on: its answer is late all the same
+                raise TimeoutError
+            return result
         except TimeoutError:
             if deadline is None or not deadline.expired():
                 raise  # the function's own (an upstream's socket.timeout): a 500 with its traceback
@@ -783,8 +786,14 @@ class Gateway:
                     *([Route("/metrics", self._metrics)] if self.metrics else []),
                     Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
                 ],
-                exception_handlers={HTTPException: self._http_error},  # type: ignore[dict-item]
+                exception_handlers={
+                    HTTPException: self._http_error,
+                    Exception: self._internal_error,  # a bug of ours: JSON like every error, traceback to the log
+                },  # type: ignore[dict-item]
             )
+            # "/healthz/" was a bare 307 to an http:// URL (wrong behind a TLS proxy), outside the
+            # JSON error model: a path that is not one is a JSON 404 like any other.
+            self._site.router.redirect_slashes = False
         return self._site
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -925,10 +934,10 @@ class Gateway:
     ) -> Any:
         method = scope["method"]
         caller = scope.get(CALLER_KEY)
-        if func_name is None and method == "GET":
+        if func_name is None and method in ("GET", "HEAD"):  # HTTP sends no body for HEAD
             return self.describe(caller)
         if method != "POST":
-            allow = b"GET, POST" if func_name is None else b"POST"
+            allow = b"GET, HEAD, POST" if func_name is None else b"POST"
             raise GatewayError(405, "method_not_allowed", f"use {allow.decode()}", ((b"allow", allow),))
         body = scope[BODY_KEY] if BODY_KEY in scope else await read_body(receive, content_length, scope[MAX_BODY_KEY])
         if body and content_type.split(b";", 1)[0].strip().lower() != _JSON:
@@ -994,7 +1003,7 @@ class Gateway:
     async def _healthz(self, request: Any) -> Any:
         # __call__ answers GET and HEAD itself, so Starlette never calls this: its route is there
         # so that other methods get the JSON 405, not a 404.
-        return _json_response(self._health())
+        return _json_response(request, self._health())
 
     async def _healthz_raw(self, scope: Scope, send: Send) -> None:
         """GET or HEAD /healthz without Starlette: probes poll it, and it is what a start waits for."""
@@ -1002,13 +1011,13 @@ class Gateway:
         headers = [
             (b"content-length", b"%d" % len(body)),
             (b"content-type", _JSON),
-            (b"x-request-id", secrets.token_hex(8).encode()),
+            (b"x-request-id", _request_id(scope)),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     async def _openapi(self, request: Any) -> Any:
-        return _json_response(openapi(self.catalog, secured=self.secured))
+        return _json_response(request, openapi(self.catalog, secured=self.secured))
 
     async def _metrics(self, request: Any) -> Any:
         from starlette.responses import Response
@@ -1022,18 +1031,23 @@ class Gateway:
 
         return FileResponse(STATIC / "console.html", headers=CONSOLE_HEADERS)
 
+    async def _internal_error(self, request: Any, exc: Exception) -> Any:
+        request_id = _request_id(request.scope).decode()
+        log.error("request %s: %s %s failed: %r (traceback follows)", request_id, request.method, request.url.path, exc)
+        body = msgspec.json.decode(error_body("internal_error", "see the server log"))
+        return _json_response(request, body, 500, {"x-request-id": request_id})
+
     async def _http_error(self, request: Any, exc: Any) -> Any:
         codes = {404: "not_found", 405: "method_not_allowed"}
         code = codes.get(exc.status_code, "http_error")
-        return _json_response(
-            msgspec.json.decode(error_body(code, str(exc.detail))), exc.status_code, dict(exc.headers or {})
-        )
+        body = msgspec.json.decode(error_body(code, str(exc.detail)))
+        return _json_response(request, body, exc.status_code, dict(exc.headers or {}))
 
 
-def _json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+def _json_response(request: Any, content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import Response
 
-    headers = {"x-request-id": secrets.token_hex(8), **(headers or {})}
+    headers = {"x-request-id": _request_id(request.scope).decode(), **(headers or {})}
     return Response(msgspec.json.encode(content), status, headers, media_type="application/json")
 
 
@@ -1071,8 +1085,16 @@ def _split_rest_path(scope: Scope) -> tuple[str | None, str | None]:
         parts.pop()
     if len(parts) > 2 or b"" in parts:
         raise GatewayError(404, "not_found", "no such function")
-    decoded = [unquote(part.decode("latin-1")) for part in parts] + [None, None]
-    return decoded[0], decoded[1]
+    # Strict: "%FF" is no character; replaced by U+FFFD it reached the function as if sent.
+    try:
+        func_name = unquote(parts[0].decode("latin-1"), errors="strict") if parts else None
+    except UnicodeDecodeError:
+        raise GatewayError(404, "not_found", "no such function") from None
+    try:
+        var1 = unquote(parts[1].decode("latin-1"), errors="strict") if len(parts) > 1 else None
+    except UnicodeDecodeError:
+        raise GatewayError(422, "invalid_arguments", "the URL's argument is not UTF-8 once percent-decoded") from None
+    return func_name, var1
 
 
 async def read_body(receive: Receive, content_length: bytes | None, limit: int) -> bytes:
@@ -1111,12 +1133,7 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
     find it, schema and all, in their own catalog (``GET /rest/``).
     """
     functions = sorted((fn for fn in catalog.functions.values() if fn.tenants is None), key=lambda fn: fn.name)
-    returns = [Result[fn.returns] for fn in functions]  # type: ignore[name-defined]
-    schemas, components = msgspec.json.schema_components(
-        [fn.args_type for fn in functions] + returns,
-        ref_template="#/components/schemas/{name}",
-        schema_hook=_schema_hook,
-    )
+    schemas, components = _schemas([fn.args_type for fn in functions], [fn.returns for fn in functions])
     for schema in schemas[: len(functions)]:
         components[schema["$ref"].rsplit("/", 1)[1]]["additionalProperties"] = False
     # Without STT1 nothing checks tokens: no 401 (and a 429 is only ever a function's rate).
@@ -1139,7 +1156,7 @@ def openapi(catalog: Catalog, secured: bool = True) -> dict[str, Any]:
                     "200": {
                         "description": "the function's result",
                         "headers": _headers(secured, signed=True),
-                        "content": {"application/json": {"schema": ret}},
+                        "content": {"application/json": {"schema": _result_schema(ret)}},
                     },
                     **{str(status): {"$ref": f"#/components/responses/{name}"} for status, name in statuses.items()},
                 },
@@ -1246,12 +1263,69 @@ def _error_response(status: int, secured: bool) -> dict[str, Any]:
     return {**response, "headers": headers} if headers else response
 
 
-T = typing.TypeVar("T")
+def _schemas(args_types: list[Any], returns: list[Any]) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
+    """The schemas of every function's arguments, then of its result, with their shared types.
+
+    One call shares a type two functions use. msgspec names a type after its class, and after
+    its module only when two classes share a name; for two generic aliases (``Page[Item]`` in
+    two modules) both names are the same and it raises. Then each function gets its own
+    components, prefixed with its name: longer, but /openapi.json still answers.
+    """
+    template = "#/components/schemas/{name}"
+    try:
+        schemas, components = msgspec.json.schema_components(
+            args_types + returns, ref_template=template, schema_hook=_schema_hook
+        )
+    except KeyError:
+        pass
+    else:
+        return _without_generations(schemas, components)
+    args_schemas: list[dict[str, Any]] = []
+    return_schemas: list[dict[str, Any]] = []
+    merged: dict[str, Any] = {}
+    for args_type, returned in zip(args_types, returns, strict=True):
+        prefix = f"{args_type.__name__.removesuffix('_args')}."
+        (args, ret), own = msgspec.json.schema_components(
+            [args_type, returned], ref_template=f"#/components/schemas/{prefix}{{name}}", schema_hook=_schema_hook
+        )
+        args_schemas.append(args)
+        return_schemas.append(ret)
+        merged.update((prefix + name, schema) for name, schema in own.items())
+    return (*args_schemas, *return_schemas), merged
 
 
-class Result(msgspec.Struct, typing.Generic[T], forbid_unknown_fields=True):
-    results: T
-    valid: typing.Literal[True]
+def _without_generations(
+    schemas: tuple[dict[str, Any], ...], components: dict[str, Any]
+) -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
+    """Component names without the import generation (``_gw3.shop.Item`` is ``shop.Item``), so
+    a reload does not rename them; kept where two generations' classes would take one name."""
+    renamed = {name: re.sub(r"^_gw\d+\.", "", name) for name in components}
+    if renamed == {name: name for name in components} or len(set(renamed.values())) < len(renamed):
+        return schemas, components
+    prefix = "#/components/schemas/"
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                key: prefix + renamed[value[len(prefix) :]]
+                if key == "$ref" and isinstance(value, str) and value.startswith(prefix)
+                else walk(value)
+                for key, value in node.items()
+            }
+        return [walk(item) for item in node] if isinstance(node, list) else node
+
+    return tuple(walk(s) for s in schemas), {renamed[name]: walk(s) for name, s in components.items()}
+
+
+def _result_schema(results: dict[str, Any]) -> dict[str, Any]:
+    """The 200 body around a function's result: written out, not a generic Result[T] struct,
+    whose schema msgspec names the same for the same class name in two modules."""
+    return {
+        "type": "object",
+        "properties": {"results": results, "valid": {"const": True}},
+        "required": ["results", "valid"],
+        "additionalProperties": False,
+    }
 
 
 def create_app(

@@ -78,6 +78,14 @@ def test_var1_keeps_an_encoded_slash(gw) -> None:  # type: ignore[no-untyped-def
     assert gw.post("/rest/echo/a%2Fb").json()["results"] == "a/b"
 
 
+def test_a_percent_encoding_that_is_not_utf8_is_refused_not_replaced(gw) -> None:  # type: ignore[no-untyped-def]
+    """The var1 "%FF%FE" reached echo as two U+FFFD characters, answered 200."""
+    assert gw.post("/rest/echo/%C3%A9").json()["results"] == "\u00e9"
+    for var1 in ["%FF%FE", "%C3", "a%80"]:
+        assert error_of(gw.post(f"/rest/echo/{var1}")) == (422, "invalid_arguments")
+    assert error_of(gw.post("/rest/%FFecho/x")) == (404, "not_found")
+
+
 def test_an_encoded_rest_prefix_names_no_function(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Routing goes by the decoded path, the function by the raw one: "/%72est/x" decodes to
     "/rest/x", and its raw tail after six bytes is "t/x", which once called `t` with var1 "x"."""
@@ -107,6 +115,10 @@ def test_every_response_has_a_request_id_and_a_given_safe_one_is_kept(gw) -> Non
     )
     unsafe = gw.post("/rest/add", {"a": 1, "b": 2}, headers={"x-request-id": "bad id\twith spaces"})
     assert unsafe.headers["x-request-id"] != "bad id\twith spaces"
+    # /healthz (answered without Starlette) and the Starlette site's answers keep it too
+    for method, path in [("GET", "/healthz"), ("HEAD", "/healthz"), ("POST", "/healthz"), ("GET", "/openapi.json")]:
+        response = gw.client.request(method, path, headers={"x-request-id": "lb-43.def"})
+        assert response.headers["x-request-id"] == "lb-43.def", (method, path)
 
 
 def test_no_answer_names_the_server_software_and_every_one_is_dated(gw) -> None:  # type: ignore[no-untyped-def]
@@ -154,7 +166,7 @@ def test_404_outside_rest_is_json_too(gw) -> None:  # type: ignore[no-untyped-de
 
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
-    [("GET", "/rest/add", "POST"), ("PUT", "/rest/", "GET, POST"), ("DELETE", "/rest/add/1", "POST")],
+    [("GET", "/rest/add", "POST"), ("PUT", "/rest/", "GET, HEAD, POST"), ("DELETE", "/rest/add/1", "POST")],
 )
 def test_405_method_not_allowed(gw, method: str, path: str, allow: str) -> None:  # type: ignore[no-untyped-def]
     response = gw.client.request(method, path)
@@ -164,6 +176,19 @@ def test_405_method_not_allowed(gw, method: str, path: str, allow: str) -> None:
 
 def test_405_outside_rest_is_json_too(gw) -> None:  # type: ignore[no-untyped-def]
     assert error_of(gw.client.post("/healthz")) == (405, "method_not_allowed")
+
+
+def test_head_on_the_catalog_answers_as_get_does_without_the_body(gw) -> None:  # type: ignore[no-untyped-def]
+    """It was a 405 with `Allow: GET, POST` (RFC 9110 9.3.2: HEAD wherever GET works)."""
+    got, head = gw.client.get("/rest/"), gw.client.head("/rest/")
+    assert (head.status_code, head.content) == (200, b"")
+    assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content))
+
+
+@pytest.mark.parametrize("path", ["/healthz/", "/console/", "/openapi.json/", "/static"])
+def test_a_trailing_slash_outside_rest_is_a_json_404_not_a_redirect(gw, path: str) -> None:  # type: ignore[no-untyped-def]
+    """They were bare 307s to an absolute http:// URL: the wrong scheme behind a TLS proxy."""
+    assert error_of(gw.client.get(path)) == (404, "not_found")
 
 
 @pytest.mark.parametrize("value", ["ttif", "bytes=999999999-", "bytes=5-2", "lines=0-1", "bytes=0-9"])
@@ -335,6 +360,13 @@ def test_a_base_exception_from_the_function_is_a_json_500_with_the_traceback_log
     assert dispatch.post("/rest/wrapped", {"text": "still serving"}).json()["results"] == "STILL SERVING"
 
 
+def test_a_function_that_swallows_its_timeout_still_gets_the_504(dispatch) -> None:  # type: ignore[no-untyped-def]
+    """It caught the cancellation and returned: that answer was a 200, 0.1 s past its timeout."""
+    response = dispatch.post("/rest/stubborn")
+    assert error_of(response) == (504, "timeout")
+    assert dispatch.app.dispatcher.inflight == 0
+
+
 @pytest.mark.parametrize("function", ["fail", "fail_async"])
 def test_a_timeout_error_the_function_raises_is_a_500_not_the_gateways_504(dispatch, caplog, function: str) -> None:  # type: ignore[no-untyped-def]
     """socket.timeout from an upstream is the function's failure: only the gateway's own timeout is a 504."""
@@ -474,8 +506,9 @@ def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
     ok = add["responses"]["200"]
     assert ok["headers"]["STT1-Response"]["required"] is True
     assert list(open_["paths"]["/rest/add/"]["post"]["responses"]["200"]["headers"]) == ["X-Request-Id"]
-    result = secured["components"]["schemas"][ok["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
-    assert result["required"] == ["results", "valid"] and result["properties"]["valid"] == {"enum": [True]}
+    result = ok["content"]["application/json"]["schema"]
+    assert result["required"] == ["results", "valid"] and result["properties"]["valid"] == {"const": True}
+    assert result["additionalProperties"] is False
     responses = secured["components"]["responses"]
     unauthorized, too_many = responses["Unauthorized"], responses["TooManyRequests"]
     assert unauthorized["headers"]["STT1-Response"]["required"] is False  # a replay is signed, a bad token not
@@ -498,6 +531,89 @@ def test_openapi_lists_every_status_with_its_body_and_headers() -> None:
             "additionalProperties": False,
         },
     }
+
+
+SHOP = """\
+import typing
+import msgspec
+__all_exposed__ = ["put_{m}"{more}]
+T = typing.TypeVar("T")
+class Item(msgspec.Struct):
+    sku: str
+class Page(msgspec.Struct, typing.Generic[T]):
+    items: list[T]
+def put_{m}(sku: str) -> Item:
+    return Item(sku)
+def page_{m}(sku: str) -> Page[Item]:
+    return Page([Item(sku)])
+"""
+
+
+@pytest.mark.parametrize("generic", [False, True])
+def test_openapi_answers_when_two_modules_return_types_of_the_same_name(serve, tmp_path: Path, generic: bool) -> None:  # type: ignore[no-untyped-def]
+    """Two modules, each with its own Item (and Page[Item]): /openapi.json was a text/plain 500
+    (msgspec named Result[Item] twice the same, and raised; the same for Page[Item])."""
+    for m in "ab":
+        (tmp_path / f"shop_{m}.py").write_text(SHOP.format(m=m, more=f', "page_{m}"' if generic else ""))
+    gw = serve(gateway.create_app(tmp_path, auth="off"))
+    response = gw.client.get("/openapi.json")
+    assert (response.status_code, response.headers["content-type"]) == (200, "application/json")
+    document = response.json()
+    validate(document)
+    schemas = document["components"]["schemas"]
+
+    def resolve(schema: dict) -> dict:
+        return schemas[schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+    items = set()
+    for name in gw.app.catalog.functions:
+        ok = document["paths"][f"/rest/{name}/"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok["properties"]["valid"] == {"const": True}
+        results = ok["properties"]["results"]
+        item = results if name.startswith("put") else resolve(results)["properties"]["items"]["items"]
+        assert resolve(item)["properties"] == {"sku": {"type": "string"}}
+        items.add(item["$ref"])
+    assert len(items) == 2  # each module's own Item, apart; shared by its two functions
+    assert not any(name.startswith("_gw") for name in schemas)  # no generation: a reload keeps the names
+
+
+def test_openapi_answers_when_msgspec_gives_two_types_one_name(serve, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """One generic Page, each module's Item in it: msgspec names both Page[Item] and raises, so
+    each function gets components of its own."""
+    (tmp_path / "_pages.py").write_text(
+        "import typing\nimport msgspec\nT = typing.TypeVar('T')\n"
+        "class Page(msgspec.Struct, typing.Generic[T]):\n    items: list[T]\n"
+    )
+    for m in "ab":
+        (tmp_path / f"shop_{m}.py").write_text(
+            f"import msgspec\nfrom . import _pages\n__all_exposed__ = ['page_{m}']\n"
+            f"class Item(msgspec.Struct):\n    sku_{m}: str\n"
+            f"def page_{m}(sku: str) -> _pages.Page[Item]:\n    return _pages.Page([Item(sku)])\n"
+        )
+    gw = serve(gateway.create_app(tmp_path, auth="off"))
+    assert sorted(gw.app.catalog.functions) == ["page_a", "page_b"]
+    response = gw.client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    validate(document)
+    schemas = document["components"]["schemas"]
+    for m in "ab":
+        ok = document["paths"][f"/rest/page_{m}/"]["post"]["responses"]["200"]["content"]["application/json"]
+        page = schemas[ok["schema"]["properties"]["results"]["$ref"].rsplit("/", 1)[1]]
+        item = schemas[page["properties"]["items"]["items"]["$ref"].rsplit("/", 1)[1]]
+        assert item["properties"] == {f"sku_{m}": {"type": "string"}}
+
+
+def test_an_error_of_ours_outside_rest_is_json_with_a_request_id(serve, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    gw = serve(gateway.create_app(FIXTURES / "e2e", auth="off"))
+
+    async def broken(request: object) -> None:
+        raise RuntimeError("a bug of ours")
+
+    gw.app.site.add_route("/broken", broken)  # the real Starlette site, with a route that fails
+    response = gw.client.get("/broken")
+    assert error_of(response) == (500, "internal_error")
+    assert "a bug of ours" not in response.text
 
 
 def code_schema(document: dict, response: str) -> dict:
