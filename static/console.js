@@ -103,26 +103,9 @@ async function showCatalog() {
     notice(plainWords(err), true);
     return;
   }
-  const schemas = await openapiSchemas();
   const names = Object.keys(entries).sort();
-  catalog.replaceChildren(...names.map((name) => functionCard(name, entries[name], schemas[name])));
+  catalog.replaceChildren(...names.map((name) => functionCard(name, entries[name])));
   $("empty").hidden = names.length > 0;
-}
-
-/** Argument schema per function from /openapi.json; {} if it cannot be had (the catalog has them too). */
-async function openapiSchemas() {
-  const out = {};
-  try {
-    const doc = await (await fetch("/openapi.json", { cache: "no-store" })).json();
-    for (const [path, item] of Object.entries(doc.paths || {})) {
-      const match = /^\/rest\/([^/]+)\/$/.exec(path);
-      const schema = item.post?.requestBody?.content?.["application/json"]?.schema;
-      if (match && schema) out[match[1]] = { schema, root: doc };
-    }
-  } catch {
-    // The signed catalog's own schemas are used instead.
-  }
-  return out;
 }
 
 /** Follow local "#/a/b" references inside root. */
@@ -183,13 +166,14 @@ function control(id, kind, required) {
   return input;
 }
 
-function functionCard(name, entry, fromOpenapi) {
+/** A call form from the signed catalog's entry (not /openapi.json, which nothing signs). */
+function functionCard(name, entry) {
   const form = $("function-card").content.firstElementChild.cloneNode(true);
   form.dataset.function = name;
   form.querySelector(".name").textContent = name;
   form.querySelector(".doc").textContent = entry.doc || "";
-  const { schema, root } = fromOpenapi || { schema: entry.arguments, root: entry.arguments };
-  const args = resolve(schema, root);
+  const root = entry.arguments;
+  const args = resolve(root, root);
   const required = new Set(args.required || []);
   const names = Object.keys(args.properties || {});
   if (entry.var1 && names.includes(entry.var1)) names.unshift(...names.splice(names.indexOf(entry.var1), 1));

@@ -323,6 +323,21 @@ def test_the_console_refuses_answers_tampered_in_transit(browser: Browser, conso
         assert click_call(page, "add", a="2", b="3")["result"] == "5"
 
 
+def test_the_call_forms_come_from_the_signed_catalog_not_from_openapi(browser: Browser, console: Console) -> None:
+    """The forms were built from /openapi.json, which nothing signs: whoever could alter it in
+    transit chose the fields, choices and hints the user filled in."""
+    forged = {"paths": {"/rest/add/": {"post": {"requestBody": {"content": {"application/json": {"schema": {
+        "type": "object", "properties": {"account": {"enum": ["attacker"]}}, "required": ["account"]}}}}}}}}
+    with console_page(browser, console) as page:
+        page.route("**/openapi.json", lambda route: route.fulfill(json=forged))
+        load_credential(page, console.gateway.cred)
+        fields = page.locator("form[data-function=add] .fields label").evaluate_all(
+            "labels => labels.map(l => l.htmlFor)"
+        )
+        assert fields == ["f-add-a", "f-add-b"]
+        assert click_call(page, "add", a="2", b="3")["result"] == "5"
+
+
 def test_integers_past_2_53_keep_every_digit_both_ways(browser: Browser, console: Console) -> None:
     """A nanosecond timestamp or a 64-bit id: as JS numbers they lost digits, sent and shown
     (under "Verified"), and 10**400 was shown as null."""
