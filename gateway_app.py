@@ -31,6 +31,7 @@ import threading
 import time
 import types
 import typing
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -148,7 +149,7 @@ class Entry(msgspec.Struct, forbid_unknown_fields=True):
     rate: typing.Annotated[float, msgspec.Meta(ge=0)] | None = None  # calls/s per tenant; 0: unlimited
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, weakref_slot=True)  # see _forget_generations
 class Exposed:
     """A function ready to call: everything the hot path needs, computed once per load."""
 
@@ -212,6 +213,8 @@ class Refused(Exception):
 
 
 _generation = 0
+SLOW_IMPORT = 5.0  # seconds an import may take before the log and /healthz report it
+_importing: dict[str, float] = {}  # module -> when its import started (time.monotonic)
 
 
 def load_modules(
@@ -229,10 +232,11 @@ def load_modules(
 
     A reload passes the ``previous`` catalog. With ``changed`` (files, as named in sources),
     only those are imported again and the rest of ``previous`` is kept as it was, so a reload
-    costs what changed. A changed file that now fails keeps serving its previous version while
-    it is reported as refused; a file that is gone takes its functions with it. The files
-    refused so far are tried again too, after the changed ones: what refused them (a name
-    another file exposed) may be gone.
+    costs what changed; without, every file of the folder is. A file that now fails keeps
+    serving its previous version while it is reported as refused; a file that is gone takes its
+    functions with it. The files refused so far are tried again too: what refused them (a name
+    another file exposed) may be gone. A name stays with the file that exposed it before (see
+    _assign), so the catalog and the refusals always agree.
     """
     global _generation
     _generation += 1
@@ -240,50 +244,112 @@ def load_modules(
     refused: list[Refusal] = []
     only = None
     retried: set[str] = set()
-    if previous is not None and changed is not None:
-        # Refusals are few, so retrying each costs little. They come last so that the file
-        # which already exposes a name keeps it: retried first, a refused file would take the
-        # name from a file that was merely edited. Package refusals stay: packages don't change.
-        retried = {r.source for r in previous.refused if _is_file_in(r.source, path)} - set(changed)
-        only = [source for source in sorted(changed) + sorted(retried) if Path(source).exists()]
-        changed = {*changed, *retried}
+    if previous is not None:
+        if changed is None:  # every file; installed packages do not change under a running gateway
+            sources = {fn.source for fn in previous.functions.values()} | {r.source for r in previous.refused}
+            changed = {source for source in sources if _is_file_in(source, path)}
+        else:  # and the refused files: they are few, so retrying each costs little
+            retried = {r.source for r in previous.refused if _is_file_in(r.source, path)} - set(changed)
+            only = [source for source in sorted(changed) + sorted(retried) if Path(source).exists()]
+            changed = {*changed, *retried}
         functions = {name: fn for name, fn in previous.functions.items() if fn.source not in changed}
         refused = [refusal for refusal in previous.refused if refusal.source not in changed]
-        packages = ()  # installed packages do not change under a running gateway
+        packages = ()
+    outcomes: dict[str, list[Exposed] | str] = {}  # what each module imported exposes, or why it cannot load
     cwd = os.getcwd()
     for source, import_module in _module_sources(path, packages, f"_gw{_generation}", only):
+        _importing[source] = time.monotonic()
         try:
             try:
                 module = import_module()
             finally:
+                _importing.pop(source, None)
                 _keep_cwd(cwd, source)
-            exposed = _exposed_of(module, source)
-            for item in exposed:
-                if item.name in functions:
-                    raise Refused(f"`{item.name}` is already exposed by {functions[item.name].source}")
+            outcomes[source] = _exposed_of(module, source)
         except Refused as exc:
-            refused.append(Refusal(source, str(exc)))
+            outcomes[source] = str(exc)
         except SyntaxError as exc:
-            refused.append(Refusal(source, f"SyntaxError: {exc.msg} (line {exc.lineno})"))
+            outcomes[source] = f"SyntaxError: {exc.msg} (line {exc.lineno})"
         except BaseException as exc:  # sys.exit(), KeyboardInterrupt, CancelledError...: the module's failure
             # Imports run in a thread of their own (_load_in_thread), where a real Ctrl-C never
             # arrives (it goes to the main thread): a KeyboardInterrupt here is the module's own
             # raise, and letting it through stopped a running gateway, with exit 0, on a save.
-            refused.append(Refusal(source, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
-        else:
-            functions.update((item.name, item) for item in exposed)
-            if source in retried:
-                log.info("%s loads now: what refused it is gone", source)
-            continue
-        if previous is not None and source in retried and refused[-1] in previous.refused:
-            log.debug("still refused %s", refused[-1])  # logged when it happened, not at every reload
-        else:
-            log.error("refused %s", refused[-1])
-        if previous is not None:  # the previous version of this file goes on serving
-            functions.update((n, fn) for n, fn in previous.functions.items() if fn.source == source)
+            outcomes[source] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    refused += _assign(outcomes, functions, previous, retried).values()
     if previous is not None:
         _forget_generations(previous.functions.values(), functions.values())
     return Catalog(functions, tuple(refused))
+
+
+def _assign(
+    outcomes: dict[str, list[Exposed] | str], functions: dict[str, Exposed], previous: Catalog | None, retried: set[str]
+) -> dict[str, Refusal]:
+    """Add to ``functions`` what the modules just imported serve; return the refusals, in load order.
+
+    Each module is first taken to serve its new version. While two claim one name, the surer
+    claim wins: a version that serves whatever happens (a module kept as it was, a refused
+    module's previous version, or the module that had this name before), else the first in
+    load order. The others are refused and their previous versions go on serving: those had
+    their names before, so they take none from another module. Decided in file order instead,
+    a full reload gave a name to a newcomer, then the owner's previous version took it back:
+    served by one, reported for the other. Modules may still trade names in one reload.
+    """
+    before = [] if previous is None else list(previous.functions.values())
+    owners = {fn.name: fn.source for fn in before}
+    order = {source: i for i, source in enumerate(outcomes)}
+    taken = {s: outcome for s, outcome in outcomes.items() if not isinstance(outcome, str)}  # until beaten
+    reasons = {s: outcome for s, outcome in outcomes.items() if isinstance(outcome, str)}
+
+    def surer(fn: Exposed) -> tuple[bool, int]:
+        return fn.source in taken and owners.get(fn.name) != fn.source, order.get(fn.source, -1)
+
+    while True:
+        claims: dict[str, list[Exposed]] = {}
+        for fn in itertools.chain(functions.values(), (fn for fn in before if fn.source in reasons), *taken.values()):
+            claims.setdefault(fn.name, []).append(fn)
+        beaten: dict[str, str] = {}
+        for name, fns in claims.items():
+            best = min(fns, key=surer)
+            for fn in fns:
+                if fn is not best and fn.source in taken:
+                    beaten.setdefault(fn.source, f"`{name}` is already exposed by {best.source}")
+        if not beaten:
+            break
+        for source, reason in beaten.items():
+            del taken[source]
+            reasons[source] = reason
+    kept_back = (fn for fn in before if fn.source in reasons)  # a refused module's previous version
+    functions.update((fn.name, fn) for fn in itertools.chain(*taken.values(), kept_back))
+    while any(_let_in(source, outcomes[source], functions, reasons) for source in list(reasons)):
+        pass  # what beat it may have been refused too
+    refusals: dict[str, Refusal] = {}
+    for source in outcomes:
+        if source not in reasons:
+            if source in retried:
+                log.info("%s loads now: what refused it is gone", source)
+            continue
+        refusal = refusals[source] = Refusal(source, reasons[source])
+        if previous is not None and source in retried and refusal in previous.refused:
+            log.debug("still refused %s", refusal)  # logged when it happened, not at every reload
+        else:
+            log.error("refused %s", refusal)
+    return refusals
+
+
+def _let_in(source: str, outcome: list[Exposed] | str, functions: dict[str, Exposed], reasons: dict[str, str]) -> bool:
+    """Let a module refused for a name in when its names are all free after all (else say who
+    has the name now); True if it got in."""
+    if isinstance(outcome, str):
+        return False
+    for fn in outcome:
+        if functions.get(fn.name, fn).source != source:
+            reasons[source] = f"`{fn.name}` is already exposed by {functions[fn.name].source}"
+            return False
+    for name in [name for name, fn in functions.items() if fn.source == source]:
+        del functions[name]  # its previous version
+    functions.update((fn.name, fn) for fn in outcome)
+    del reasons[source]
+    return True
 
 
 def _load_in_thread(*args: Any, **kwargs: Any) -> Future[Catalog]:
@@ -297,17 +363,42 @@ def _load_in_thread(*args: Any, **kwargs: Any) -> Future[Catalog]:
     """
     future: Future[Catalog] = Future()
     future.set_running_or_notify_cancel()  # a cancelled reload cannot stop an import: it finishes, unseen
+    done = threading.Event()
 
     def load() -> None:
         try:
             future.set_result(load_modules(*args, **kwargs))
         except BaseException as exc:  # a bug of ours: the caller re-raises it
             future.set_exception(exc)
+        finally:
+            done.set()
+
+    def report() -> None:
+        # A module that hangs at import holds up this load and every reload after it, and a
+        # thread cannot be stopped: at least say which one, ever less often while it lasts.
+        warn_at: dict[str, float] = {}  # module -> how long its import runs before the next warning
+        while not done.wait(SLOW_IMPORT / 5):
+            for entry in importing_slowly():
+                if entry["seconds"] >= warn_at.get(entry["module"], 0):
+                    log.warning("importing %s for %.0f s now: reloads wait for it", entry["module"], entry["seconds"])
+                    warn_at[entry["module"]] = entry["seconds"] * 2
 
     # Not a daemon: a thread a module starts at import inherits that, and must stay the
     # non-daemon thread it would be anywhere else (exit waits for it; see _end_process_after).
     threading.Thread(target=load, name="gateway-load", daemon=False).start()
+    threading.Thread(target=report, name="gateway-load-report", daemon=True).start()
     return future
+
+
+def importing_slowly(now: float | None = None) -> list[dict[str, Any]]:
+    """The imports running for over SLOW_IMPORT seconds, for /healthz: until they end, no
+    reload can go live and no refusal is reported."""
+    now = time.monotonic() if now is None else now
+    return [
+        {"module": source, "seconds": round(now - started, 1)}
+        for source, started in list(_importing.items())
+        if now - started >= SLOW_IMPORT
+    ]
 
 
 def _is_file_in(source: str, path: str | os.PathLike[str] | None) -> bool:
@@ -328,6 +419,11 @@ def _generation_of(fn: Exposed) -> str:
     return fn.func.__module__.split(".", 1)[0]
 
 
+_retiring: dict[str, int] = {}  # a generation nothing serves -> how many of its records are still held
+_retiring_refs: dict[int, weakref.ref[Exposed]] = {}  # those weak references, kept until they fire
+_retiring_lock = threading.RLock()  # they fire in whichever thread lets go last, maybe while holding it
+
+
 def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed]) -> None:
     """Drop from sys.modules the generations a reload replaced and nothing serves any more.
 
@@ -335,14 +431,26 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
     still serves (an unchanged file loaded earlier) keeps its package, for lazy imports, but not
     the modules of it that were replaced: whatever such a module holds (a cache, a leak) is
     freed by reloading it, whatever else its generation still serves.
+
+    A generation goes only once its last record is gone, not at the swap: a call in flight
+    holds its record, and may still import a sibling lazily (``from . import _helper``), which
+    needs the package; dropped at the swap, that call failed with "No module named '_gwN'".
     """
+    replaced = list(replaced)
     # This load's own generation goes too when nothing it imported serves (a broken save, a
     # removed file): else it and the refused modules retried in it would stay for good.
     gone = {_generation_of(fn) for fn in replaced} | {f"_gw{_generation}"}
     gone -= {_generation_of(fn) for fn in serving}
-    gone = {name for name in gone if re.fullmatch(r"_gw\d+", name)}  # never a package or stdlib module
-    for name in [n for n in sys.modules if n.split(".", 1)[0] in gone]:
-        del sys.modules[name]
+    for name in {name for name in gone if re.fullmatch(r"_gw\d+", name)}:  # never a package or stdlib module
+        held = [fn for fn in replaced if _generation_of(fn) == name]
+        if not held:
+            _drop_generation(name)
+            continue
+        with _retiring_lock:
+            _retiring[name] = _retiring.get(name, 0) + len(held)
+            for fn in held:
+                ref = weakref.ref(fn, functools.partial(_released, name))
+                _retiring_refs[id(ref)] = ref
     stale = {fn.func.__module__ for fn in replaced} - {fn.func.__module__ for fn in serving}
     for name in stale:
         if re.fullmatch(r"_gw\d+\..+", name):
@@ -351,6 +459,23 @@ def _forget_generations(replaced: Iterable[Exposed], serving: Iterable[Exposed])
             package = sys.modules.get(parent)
             if package is not None:  # importing _gwN.x also set it as an attribute of the package
                 vars(package).pop(child, None)
+
+
+def _released(generation: str, ref: weakref.ref[Exposed]) -> None:
+    """A record of a retired generation is gone (its catalog was swapped out, its call ended)."""
+    with _retiring_lock:
+        del _retiring_refs[id(ref)]
+        _retiring[generation] -= 1
+        if _retiring[generation]:
+            return
+        del _retiring[generation]
+    _drop_generation(generation)
+
+
+def _drop_generation(generation: str) -> None:
+    # list(): a copy taken at once, as another thread may be importing (a reload, a lazy import)
+    for name in [n for n in list(sys.modules) if n.split(".", 1)[0] == generation]:
+        sys.modules.pop(name, None)
 
 
 def _module_sources(
@@ -998,6 +1123,8 @@ class Gateway:
             "status": "ok",
             "functions": len(self.catalog.functions),
             "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
+            # Only while an import hangs (it holds up every reload): else the answer is as documented.
+            **({"loading": slow} if (slow := importing_slowly()) else {}),
         }
 
     async def _healthz(self, request: Any) -> Any:
@@ -1466,6 +1593,7 @@ class Metrics:
 
 
 WATCH_DELAY = 0.5  # seconds: start-up first; the watcher's import and set-up come after
+FOLDER_CHECK = 0.5  # seconds between checks that the modules folder is still the one watched
 
 
 async def watch_modules(gateway: Gateway, root: Path) -> None:
@@ -1481,28 +1609,55 @@ async def watch_modules(gateway: Gateway, root: Path) -> None:
     It is one thread blocked in watchfiles' synchronous watch, which hands each batch of changes
     to the event loop and waits for it: awatch runs the same call through anyio's worker threads
     and kept a thread more alive for the whole life of the process.
+
+    The folder itself may be replaced (a symlink re-pointed at a new release, ``mv modules old
+    && mkdir modules``, ``rm -r``): a watch stays on the directory it started on, so the old
+    tree's saves were taken for the new one's and the new one was never seen. So every
+    FOLDER_CHECK (one stat) and at every change the watcher checks what ``root`` names; when it
+    is another folder, it watches that one and loads it whole, once the watch is up so no save
+    is missed. While there is none, the previous catalog goes on serving.
     """
     await asyncio.sleep(WATCH_DELAY)
     loop = asyncio.get_running_loop()
     stop = threading.Event()
-    resolved = root.resolve()
 
-    def reload(parts: set[tuple[str, ...]]) -> None:
+    def reload(parts: set[tuple[str, ...]] | None) -> None:
         try:
             asyncio.run_coroutine_threadsafe(_reload(gateway, root, parts), loop).result()
         except Exception:  # one batch that fails must not end live reload for good
             if not stop.is_set():
-                log.exception("live reload of %s failed; still watching", ", ".join("/".join(p) for p in sorted(parts)))
+                log.exception("live reload of %s failed; still watching", _shown_parts(root, parts))
 
     def watch() -> None:
         try:
             import watchfiles
 
+            folder, resolved, replaced = _folder_id(root), root.resolve(), False
             missed = {f.relative_to(resolved).parts for f in resolved.rglob("*.py") if _mtime(f) >= gateway.loaded_at}
             if missed:
                 reload(missed)
-            for changes in watchfiles.watch(resolved, debounce=50, step=20, stop_event=stop, recursive=True):
-                reload({Path(path).relative_to(resolved).parts for _, path in changes})
+            while True:
+                batches = watchfiles.watch(
+                    resolved, debounce=50, step=20, stop_event=stop, recursive=True,
+                    rust_timeout=round(FOLDER_CHECK * 1000), yield_on_timeout=True,
+                )  # fmt: skip
+                with contextlib.closing(batches):
+                    for changes in batches:  # an empty batch every FOLDER_CHECK
+                        gone = (watchfiles.Change.deleted, str(resolved)) in changes  # and maybe made anew
+                        if gone or _folder_id(root) != folder:
+                            break  # a new folder, or none: what changed here is no longer served
+                        if replaced:
+                            replaced = False
+                            reload(None)
+                        elif changes:
+                            reload({Path(path).relative_to(resolved).parts for _, path in changes})
+                    else:
+                        return  # stopped
+                while (folder := _folder_id(root)) is None:
+                    if stop.wait(FOLDER_CHECK):
+                        return
+                resolved, replaced = root.resolve(), True
+                log.info("the modules folder %s is another one now (%s): watching it", root, resolved)
         except Exception:
             if not stop.is_set():
                 log.exception("live reload stopped")
@@ -1512,6 +1667,19 @@ async def watch_modules(gateway: Gateway, root: Path) -> None:
         await asyncio.Event().wait()  # until the lifespan cancels this task at shutdown
     finally:
         stop.set()  # watch() sees it within a step (20 ms)
+
+
+def _folder_id(folder: Path) -> tuple[int, int] | None:
+    """The directory ``folder`` names now (through a symlink), None while there is none."""
+    try:
+        info = folder.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _shown_parts(root: Path, parts: set[tuple[str, ...]] | None) -> str:
+    return f"all of {root} (another folder now)" if parts is None else ", ".join("/".join(p) for p in sorted(parts))
 
 
 def _mtime(file: Path) -> float:
@@ -1533,11 +1701,13 @@ def _is_or_was_folder(path: Path, catalog: Catalog) -> bool:
     return any(source.startswith(inside) for source in sources)
 
 
-async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> None:
-    parts = {p for p in parts if p and not any(s.startswith(".") for s in p)}
+async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]] | None) -> None:
+    """Load what these changed files (relative to ``root``) serve; None: the whole folder."""
+    everything = parts is None
+    parts = {p for p in parts or () if p and not any(s.startswith(".") for s in p)}
     folders = {p for p in parts if not p[-1].endswith(".py") and _is_or_was_folder(root.joinpath(*p), gateway.catalog)}
     parts = {p for p in parts if p[-1].endswith(".py")} | folders
-    if not parts:
+    if not parts and not everything:
         return
     started = time.perf_counter()
     for p in parts - folders:
@@ -1546,7 +1716,7 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
         with contextlib.suppress(OSError, ValueError):
             os.unlink(importlib.util.cache_from_source(str(root.resolve().joinpath(*p))))
     previous = gateway.catalog
-    if folders or any(s.startswith("_") for p in parts for s in p):
+    if everything or folders or any(s.startswith("_") for p in parts for s in p):
         loading = _load_in_thread(root, gateway.settings.packages, previous=previous)
     else:
         changed = {str(root.joinpath(*p)) for p in parts}
@@ -1558,7 +1728,7 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]]) -> 
         gateway.metrics.reloads.inc()
     log.info(
         "reloaded %s in %.0f ms: %d functions, %d refused",
-        ", ".join("/".join(p) for p in sorted(parts)), (time.perf_counter() - started) * 1000,
+        _shown_parts(root, None if everything else parts), (time.perf_counter() - started) * 1000,
         len(catalog.functions), len(catalog.refused),
     )  # fmt: skip
 

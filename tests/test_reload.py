@@ -1,6 +1,7 @@
 """Self-deploying: a saved module is live, changed or gone without a restart or a failed call."""
 from __future__ import annotations
 
+import logging
 import shutil
 import statistics
 import sys
@@ -91,6 +92,93 @@ def test_reloads_do_not_pile_up_in_sys_modules(tmp_path: Path) -> None:
         catalog = gateway.load_modules(tmp_path, previous=catalog, changed={str(tmp_path / "a.py")})
     assert catalog.functions["version"].func() == 29
     assert len(sys.modules) <= before + 2
+
+
+def owned(name: str, *names: str) -> str:
+    """A module exposing ``names``, each answering the module's ``name``."""
+    listed = ", ".join(f'"{n}"' for n in names)
+    return f"__all_exposed__ = [{listed}]\n" + "".join(f"\n\ndef {n}() -> str:\n    return {name!r}\n" for n in names)
+
+
+def test_a_reload_leaves_a_contested_name_with_the_module_that_had_it(tmp_path: Path) -> None:
+    # A changed helper reloads every file: in file order alpha took `who`, zeta was refused,
+    # then zeta's previous version took `who` back; /healthz blamed zeta while zeta served it.
+    zeta, alpha = tmp_path / "zeta.py", tmp_path / "alpha.py"
+    zeta.write_text(owned("zeta", "who", "zonly"))
+    first = gateway.load_modules(tmp_path)
+    alpha.write_text(owned("alpha", "who", "aonly"))
+    second = gateway.load_modules(tmp_path, previous=first, changed={str(alpha)})
+    refusal = [f"{alpha}: `who` is already exposed by {zeta}"]
+    assert [str(r) for r in second.refused] == refusal
+    third = gateway.load_modules(tmp_path, previous=second)  # a helper changed: every file again
+    assert {n: fn.func() for n, fn in third.functions.items()} == {"who": "zeta", "zonly": "zeta"}
+    assert [str(r) for r in third.refused] == refusal
+    zeta.write_text(owned("zeta", "who", "zonly") + "# saved again\n")
+    fourth = gateway.load_modules(tmp_path, previous=third, changed={str(zeta)})
+    assert {n: fn.func() for n, fn in fourth.functions.items()} == {"who": "zeta", "zonly": "zeta"}
+    assert [str(r) for r in fourth.refused] == refusal
+    # The owner now fails: its previous version serves whole, and the newcomer still may not have `who`.
+    zeta.write_text("def who(:\n")
+    fifth = gateway.load_modules(tmp_path, previous=fourth)
+    assert {n: fn.func() for n, fn in fifth.functions.items()} == {"who": "zeta", "zonly": "zeta"}
+    assert [str(r) for r in fifth.refused] == [*refusal, f"{zeta}: SyntaxError: invalid syntax (line 1)"]
+
+
+def test_of_two_changed_files_that_want_one_name_the_one_that_had_it_keeps_it(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text(owned("a", "x"))
+    b.write_text(owned("b", "y"))
+    first = gateway.load_modules(tmp_path)
+    a.write_text(owned("a", "x", "y"))
+    b.write_text(owned("b", "y") + "# saved again\n")
+    second = gateway.load_modules(tmp_path, previous=first, changed={str(a), str(b)})
+    assert {n: fn.func() for n, fn in second.functions.items()} == {"x": "a", "y": "b"}
+    assert second.functions["x"] is first.functions["x"]  # a's previous version, whole
+    assert [str(r) for r in second.refused] == [f"{a}: `y` is already exposed by {b}"]
+
+
+def test_two_files_may_trade_names_in_one_reload(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text(owned("a", "x"))
+    b.write_text(owned("b", "y"))
+    first = gateway.load_modules(tmp_path)
+    a.write_text(owned("a", "y"))
+    b.write_text(owned("b", "x"))
+    second = gateway.load_modules(tmp_path, previous=first, changed={str(a), str(b)})
+    assert ({n: fn.func() for n, fn in second.functions.items()}, second.refused) == ({"x": "b", "y": "a"}, ())
+
+
+def test_a_module_beaten_by_one_refused_itself_is_let_in(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text(owned("a", "x"))
+    first = gateway.load_modules(tmp_path)
+    (tmp_path / "b.py").write_text(owned("b", "x", "q"))  # refused for x, held by a
+    (tmp_path / "c.py").write_text(owned("c", "q"))  # beaten to q by b, which is refused itself
+    second = gateway.load_modules(tmp_path, previous=first)
+    assert {n: fn.func() for n, fn in second.functions.items()} == {"x": "a", "q": "c"}
+    assert [str(r) for r in second.refused] == [f"{tmp_path / 'b.py'}: `x` is already exposed by {tmp_path / 'a.py'}"]
+
+
+LAZY = (
+    '__all_exposed__ = ["lazy_fn"]\n\n\n'
+    "def lazy_fn() -> str:\n"
+    "    from . import _lazyhelp  # imported at the first call, not at load\n\n"
+    "    return _lazyhelp.VALUE\n"
+)
+
+
+def test_a_replaced_generation_stays_importable_while_a_call_holds_it(tmp_path: Path) -> None:
+    (tmp_path / "_lazyhelp.py").write_text('VALUE = "helper"\n')
+    (tmp_path / "lazy.py").write_text(LAZY)
+    first = gateway.load_modules(tmp_path)
+    in_flight = first.functions["lazy_fn"]  # what a call that started before the reload holds
+    generation = in_flight.func.__module__.split(".")[0]
+    (tmp_path / "lazy.py").write_text(LAZY + "# saved again\n")
+    second = gateway.load_modules(tmp_path, previous=first, changed={str(tmp_path / "lazy.py")})
+    del first  # swapped out
+    assert in_flight.func() == "helper"  # failed: No module named '_gwN'
+    del in_flight  # the call ended: its generation goes
+    assert generation not in sys.modules
+    assert second.functions["lazy_fn"].func() == "helper"
 
 
 # -- against a real server, under load ---------------------------------------------------------
@@ -249,3 +337,89 @@ def test_start_up_imports_modules_as_a_reload_does(tmp_path: Path, serve) -> Non
     wait_for(lambda: gw.app.reloads >= 1, seconds=5)
     assert gw.client.get("/healthz").json()["refused"] == [{"module": str(tmp_path / "loopy.py"), "reason": reason}]
     assert gw.post("/rest/loopy").status_code == 404
+
+
+def test_a_call_in_flight_across_a_reload_still_imports_its_siblings(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    started, go = tmp_path / "started", tmp_path / "go"
+    blocking = LAZY.replace(
+        "    from . import _lazyhelp",
+        f"    import pathlib, time\n\n    pathlib.Path({str(started)!r}).touch()\n"
+        f"    for _ in range(4000):  # 20 s at most: a failed test must not leave it running\n"
+        f"        if pathlib.Path({str(go)!r}).exists():\n            break\n        time.sleep(0.005)\n"
+        "    from . import _lazyhelp",
+    )
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    (folder / "_lazyhelp.py").write_text('VALUE = "helper"\n')
+    (folder / "lazy.py").write_text(blocking)
+    gw = serve(gateway.create_app(folder, auth="off"))
+    generation = gw.app.catalog.functions["lazy_fn"].func.__module__.split(".")[0]
+    time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher is up
+    answers: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answers.append(httpx.post(f"{gw.url}/rest/lazy_fn", timeout=10)))
+    call.start()
+    try:
+        wait_for(started.exists)
+        (folder / "lazy.py").write_text(LAZY.replace("lazy_fn", "lazy_fn2"))
+        wait_for(lambda: gw.post("/rest/lazy_fn2").status_code == 200)  # swapped while the call runs
+    finally:
+        go.touch()
+        call.join(10)
+    assert [a.json() for a in answers] == [{"results": "helper", "valid": True}]
+    wait_for(lambda: generation not in sys.modules, seconds=2)  # and then let go
+
+
+@pytest.mark.parametrize("how", ["symlink re-pointed", "moved away, made anew", "removed, made anew"])
+def test_a_replaced_modules_folder_is_served_and_watched(tmp_path: Path, serve, monkeypatch, caplog, how: str) -> None:  # type: ignore[no-untyped-def]
+    # The watcher watched the directory it started on: the new folder was never seen, and a save
+    # in the old one reloaded the file of that name in the new one.
+    monkeypatch.setattr(gateway, "FOLDER_CHECK", 0.05)
+    caplog.set_level(logging.INFO, logger="gateway")
+    folder, release = tmp_path / "modules", tmp_path / "release1"
+    if how == "symlink re-pointed":
+        release.mkdir()
+        folder.symlink_to(release)
+    else:
+        folder.mkdir()
+    (folder / "a.py").write_text(module(1))
+    gw = serve(gateway.create_app(folder, auth="off"))
+    time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher is up
+    if how == "symlink re-pointed":  # ln -sfn release2 modules.tmp && mv -T modules.tmp modules
+        (tmp_path / "release2").mkdir()
+        (tmp_path / "release2" / "a.py").write_text(module(2))
+        (tmp_path / "modules.tmp").symlink_to(tmp_path / "release2")
+        (tmp_path / "modules.tmp").replace(folder)
+    else:
+        if how == "moved away, made anew":
+            folder.rename(release)
+        else:
+            shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "a.py").write_text(module(2))
+    wait_for(lambda: gw.post("/rest/version").json().get("results") == 2, seconds=5)
+    if release.exists():
+        (release / "stale.py").write_text(module(3, "stale"))  # the old tree: never served, never reloaded
+    (folder / "fresh.py").write_text(module(4, "fresh"))
+    wait_for(lambda: gw.post("/rest/fresh").status_code == 200, seconds=5)
+    assert "stale.py" not in caplog.text and gw.post("/rest/stale").status_code == 404
+
+
+def test_an_import_that_hangs_is_reported_while_it_lasts(tmp_path: Path, serve, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    # A hanging import held up every reload after it, and /healthz said nothing was wrong.
+    monkeypatch.setattr(gateway, "SLOW_IMPORT", 0.1)
+    caplog.set_level(logging.WARNING, logger="gateway")
+    folder, go = tmp_path / "modules", tmp_path / "go"
+    folder.mkdir()
+    (folder / "a.py").write_text(module(1))
+    gw = serve(gateway.create_app(folder, auth="off"))
+    time.sleep(gateway.WATCH_DELAY + 0.2)  # the watcher is up
+    hangs = folder / "hangs.py"
+    try:
+        hangs.write_text(f"import pathlib, time\n\nwhile not pathlib.Path({str(go)!r}).exists():\n"
+                         "    time.sleep(0.005)\n" + module(2, "late"))  # fmt: skip
+        wait_for(lambda: [e["module"] for e in gw.client.get("/healthz").json().get("loading", [])] == [str(hangs)])
+        wait_for(lambda: f"importing {hangs} for" in caplog.text)
+    finally:
+        go.touch()  # else the import, in a thread that exit waits for, never ends
+    wait_for(lambda: gw.post("/rest/late").status_code == 200)
+    assert "loading" not in gw.client.get("/healthz").json()
