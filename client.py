@@ -146,7 +146,11 @@ class ServerError(GatewayError):
 
 
 class Overloaded(GatewayError):
-    """503: too many calls in progress, or the replay store is down (signed)."""
+    """503: too many calls in progress, or the replay store is down (signed); retry later.
+
+    Unsigned when the key store is down, as the token cannot be verified then: code
+    ``unavailable``, the body unread.
+    """
 
 
 class Timeout(GatewayError):
@@ -158,7 +162,7 @@ class ResponseForged(GatewayError):
 
     Raised for a missing, malformed or failing ``STT1-Response`` token (wrong key, kid,
     tenant, direction, request jti, status, content type or body), for any status other
-    than an unsigned 400/401/408/413/429/431, and for a rotated key on a non-2xx answer.
+    than an unsigned 400/401/408/413/429/431/503, and for a rotated key on a non-2xx answer.
     """
 
 
@@ -194,6 +198,8 @@ _UNSIGNED_HINTS: dict[int, tuple[type[GatewayError], str, str]] = {
     413: (TooLarge, "too_large", "the request body is over the gateway's limit (unsigned answer)"),
     429: (RateLimited, "rate_limited", "throttled by the gateway (unsigned answer)"),
     431: (TooLarge, "too_large", "the request's URL and headers are over the gateway's limit (unsigned answer)"),
+    # Sent before the token can be verified (the key store is down): the gateway is unavailable.
+    503: (Overloaded, "unavailable", "the gateway is unavailable; retry later (unsigned answer)"),
 }
 
 

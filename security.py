@@ -1754,42 +1754,87 @@ class SqliteReplayStore:
 
 
 class RedisReplayStore:
-    """Several hosts share one Redis: ``SET key 1 NX EXAT expires_at`` is the whole contract.
+    """Several hosts share one Redis: ``SET stt1:seen:<key> 1 NX EX <seconds left>``.
 
     Asynchronous, so a network round trip never stalls the event loop. Redis must not evict
     keys before they expire (maxmemory-policy noeviction): a full Redis then refuses the SET,
     which is a 503 here, never a forgotten jti. redis-py reconnects by itself once Redis is back.
+
+    The expiry counts from the gateway's clock (``clock``), not Redis's: with EXAT, a Redis
+    clock a few seconds ahead would drop each key as soon as it was set.
+
+    A Redis that restarts empty (no persistence) or is flushed forgets every jti, so a token
+    used just before could run again. The store therefore keeps ``stt1:replay:since``, the
+    first second Redis's memory covers, and reads it in the transaction of every insert: a
+    token issued before it counts as seen, as one from before boot does with the memory store
+    (PROTOCOL.md 3.3). A missing marker means Redis is new or lost its data: the same
+    transaction sets it to the second after now (that second counts as "before"), and a
+    WARNING is logged once. Not covered, because the marker survives them: a failover to a
+    replica that had not yet received the latest keys, and a restart that reloads a snapshot
+    (RDB, or an AOF that is not fsynced on every write) older than those keys. A token used in
+    the last seconds before either can then be replayed once, within its 50 s.
     """
 
     shared = True
+    MARKER = b"stt1:replay:since"
 
-    def __init__(self, url: str, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, timeout: float = 0.5, clock: Callable[[], float] = time.time) -> None:
         import redis.asyncio
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self.url = url
-        self._redis = redis.asyncio.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.clock = clock
+        # No retries, said outright: redis-py 8's Redis() retries a command, or a transaction, 10
+        # times after a connection error or a timeout (from_url does not, today), and a retried
+        # insert that had reached Redis finds its own key.
+        self._redis = redis.asyncio.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0)
+        )
         self._used = 0.0  # time.monotonic() of the last command
+        self._since: int | None = None  # the marker as this process last saw it
 
     async def check_and_insert(self, key: bytes, expires_at: int) -> bool:
-        """SET NX, never retried: a retried SET that had reached Redis would find its own key
-        and refuse a fresh token as a replay.
+        """One MULTI/EXEC, never retried: a retried insert that had reached Redis would find its
+        own key and refuse a fresh token as a replay.
 
-        After a Redis restart the pooled connection is dead, and the SET sent on it fails (a
+        After a Redis restart the pooled connection is dead, and a command sent on it fails (a
         503). So after a second idle a PING goes first, and its failure is ignored: redis-py drops
-        the dead connection, and the SET gets a new one. (health_check_interval does the same
-        PING, but redis-py 8 raises its failure unless commands are retried too, which the SET
+        the dead connection, and the insert gets a new one. (health_check_interval does the same
+        PING, but redis-py 8 raises its failure unless commands are retried too, which the insert
         must not be.) Under load no PING is sent at all."""
         import redis
 
         if time.monotonic() - self._used > 1.0:
             with contextlib.suppress(redis.RedisError, OSError):
                 await self._redis.ping()
+        now = math.floor(self.clock())  # after the PING, which may have waited
         try:
-            return bool(await self._redis.set(b"stt1:seen:" + key, b"1", nx=True, exat=expires_at))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(b"stt1:seen:" + key, b"1", nx=True, ex=max(1, expires_at - now))
+                pipe.set(self.MARKER, now + 1, nx=True)  # only when missing: Redis is new or lost its data
+                pipe.get(self.MARKER)
+                fresh, created, marker = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise ReplayStoreError(f"redis replay store: {exc}") from None
         finally:
             self._used = time.monotonic()
+        try:
+            since = int(marker)
+        except (TypeError, ValueError):
+            raise ReplayStoreError("redis replay store: stt1:replay:since is not a Unix second") from None
+        if since != self._since:
+            if created or self._since is not None:
+                log.warning(
+                    "redis replay store: %s; tokens issued before %s are refused as possible replays",
+                    "stt1:replay:since was missing: this Redis is new or lost its data (a restart without "
+                    "persistence, a flush)"
+                    if created
+                    else f"stt1:replay:since moved from {self._since} to {since}: Redis lost its data",
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)),
+                )
+            self._since = since
+        return bool(fresh) and expires_at - REPLAY_TTL >= since
 
 
 def open_replay_store(url: str, db_path: str) -> MemoryReplayStore | SqliteReplayStore | RedisReplayStore:
@@ -1819,7 +1864,7 @@ def _replay_prefix(tid: str, kid: str) -> bytes:
 
 #### Middleware
 # PROTOCOL.md 3, in its order. Everything before the token is verified is answered without a
-# response token (401, 413, 429); everything after is signed, errors included.
+# response token (401, 413, 429, 503); everything after is signed, errors included.
 
 MAX_SKEW = 45  # seconds either side of the server's clock (3.3)
 REPLAY_TTL = 50  # a jti is remembered until iat + 50 (3.8): past every accepted iat + 45
@@ -2029,10 +2074,8 @@ class Security:
             self._log("store", request_id, f"replay store failed: {exc}")
             self._failed("replay_store_unavailable")
             return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)
-        if not fresh:
-            self._log("refused", request_id, f"replayed jti from tenant {tid}")
-            self._failed("replayed")
-            return await _reply(signed_send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
+        if not fresh:  # a failure like any other for the throttle; the answer is signed, as after step 7
+            return await self._unauthorized(signed_send, request_id, address, tid, now, "replayed", "replayed jti")
         if key.state == "pending":  # 10
             try:
                 # A write (SQLite waits up to REQUEST_WAIT for its lock, Redis a round trip): in a
@@ -2164,7 +2207,9 @@ def _read_headers(scope: _Scope) -> tuple[str, int | None, bytes]:
             content_type = bytes(value)
     if authorization is None:
         raise _Refused("missing", "no Authorization header")
-    if len(authorization) > MAX_TOKEN_CHARS or not authorization.startswith(b"STT1 "):
+    if len(authorization) > MAX_TOKEN_CHARS:
+        raise _Refused("malformed", f"Authorization is over {MAX_TOKEN_CHARS} characters")
+    if not authorization.startswith(b"STT1 "):
         raise _Refused("malformed", "Authorization is not an STT1 token")
     return authorization[5:].decode("latin-1"), content_length, content_type
 

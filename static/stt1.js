@@ -51,7 +51,7 @@ export class UnsupportedMediaType extends GatewayError {} // 415, signed
 export class InvalidArguments extends GatewayError {} // 422, signed
 export class RateLimited extends GatewayError {} // 429, usually unsigned
 export class ServerError extends GatewayError {} // 500, signed
-export class Overloaded extends GatewayError {} // 503, signed
+export class Overloaded extends GatewayError {} // 503, signed (unsigned when the key store is down)
 export class Timeout extends GatewayError {} // 504, signed (the function ran too long)
 /** The answer is not signed by the gateway for this request: its body was not used. */
 export class ResponseForged extends GatewayError {}
@@ -75,6 +75,8 @@ const UNSIGNED_HINTS = {
   413: [TooLarge, "too_large", "the request body is over the gateway's limit (unsigned answer)"],
   429: [RateLimited, "rate_limited", "throttled by the gateway (unsigned answer)"],
   431: [TooLarge, "too_large", "the request's URL and headers are over the gateway's limit (unsigned answer)"],
+  // Sent before the token can be verified (the key store is down): the gateway is unavailable.
+  503: [Overloaded, "unavailable", "the gateway is unavailable; retry later (unsigned answer)"],
 };
 
 // #### Bytes ###############################################################################

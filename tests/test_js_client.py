@@ -247,7 +247,7 @@ def test_the_javascript_client_adopts_newer_keys_its_hook_found_stored(tmp_path:
     assert out["signedWith"] == [kid1, kid2] and out["kid"] == kid2  # then the stored keys sign
 
 
-# The gateway's unsigned refusals: before the token is read (401, 413, 429), and the HTTP
+# The gateway's unsigned refusals: before the token is read (401, 413, 429, 503), and the HTTP
 # layer's own (400, 408, 431). Each body plants a result that must never be used.
 UNSIGNED = """
 import * as stt1 from "%(module)s";
@@ -271,7 +271,7 @@ console.log(JSON.stringify(out));
 
 
 def test_unsigned_refusals_are_hints_to_the_javascript_client_not_forgeries(tmp_path: Path) -> None:
-    out = run_node(tmp_path, UNSIGNED, cred=CRED, statuses=[400, 401, 408, 413, 429, 431, 500])
+    out = run_node(tmp_path, UNSIGNED, cred=CRED, statuses=[400, 401, 408, 413, 429, 431, 503, 500])
     assert out == {
         "400": ["BadRequest", "bad_request", False],
         "401": ["Unauthorized", "unauthorized", False],
@@ -279,5 +279,6 @@ def test_unsigned_refusals_are_hints_to_the_javascript_client_not_forgeries(tmp_
         "413": ["TooLarge", "too_large", False],
         "429": ["RateLimited", "rate_limited", False],
         "431": ["TooLarge", "too_large", False],  # a URL over 64 KiB: it was reported as a forgery
+        "503": ["Overloaded", "unavailable", False],  # the key store is down: it was reported as a forgery
         "500": ["ResponseForged", "response_forged", False],  # a 500 is always signed by the gateway
     }

