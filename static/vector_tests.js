@@ -263,12 +263,16 @@ async function clientChecks(check, expect, s, v) {
     gw.seenKids.push(footer.kid);
     if (gw.mode === "unsigned500") return new Response('{"valid":true,"results":1}', { status: 500 });
     if (gw.mode === "unsigned429") return new Response("", { status: 429 });
-    const status = gw.mode === "404" ? 404 : 200;
+    if (gw.mode === "echo") { // the request's own, genuine token offered as the response's (PROTOCOL.md 8)
+      return new Response('{"valid":true,"results":1}', { status: 200, headers: { "content-type": "application/json", "STT1-Response": token } });
+    }
+    const status = gw.mode === "404" || gw.mode === "rk404" ? 404 : 200;
     let out = status === 200 ? { valid: true, results: { target, args: body.length ? JSON.parse(new TextDecoder().decode(body)) : null } }
       : { valid: false, error: { code: "not_found", message: "no such function" } };
     const outBody = new TextEncoder().encode(JSON.stringify(out));
     const claims = { jti: s.newJti() };
     if (gw.rotate && footer.kid === kid1 && status === 200) claims.rk = { kid: kid2, k: s.b64encode(k2) };
+    if (gw.mode === "rk404") claims.rk = { kid: kid2, k: s.b64encode(k2) }; // signed, but rk on a 4xx (PROTOCOL.md 8)
     const s2c = await s.DirectionKey.derive(secrets[footer.kid], "s2c", tid, footer.kid);
     const implicit = await s.responseAssertion(aud, opened.claims.jti, status, "application/json", gw.mode === "tamper" ? new Uint8Array(1) : outBody);
     const respToken = await s.mint(s2c, serverNow, claims, implicit);
@@ -312,7 +316,7 @@ async function clientChecks(check, expect, s, v) {
     expect(catalog.target === "/rest/" && catalog.args === null, "catalog");
     expect(gw.seenKids.at(-1) === kid2 && promoted.length === 1 && client.credential.kid === kid2 && !client.credential.next, "promoted");
   });
-  await check("Client: signed 404 is NotFound; unsigned 429 is RateLimited; unsigned 500 and a tampered body are ResponseForged", async () => {
+  await check("Client: signed 404 is NotFound; unsigned 429 is RateLimited; unsigned 500, a tampered body, rk on a 404 and the request's own token are ResponseForged", async () => {
     gw.mode = "404";
     await rejects(client.call("nope"), s.NotFound);
     gw.mode = "unsigned429";
@@ -320,6 +324,12 @@ async function clientChecks(check, expect, s, v) {
     gw.mode = "unsigned500";
     await rejects(client.call("x"), s.ResponseForged);
     gw.mode = "tamper";
+    await rejects(client.call("x"), s.ResponseForged);
+    const adopted = rotated.length;
+    gw.mode = "rk404";
+    await rejects(client.call("x"), s.ResponseForged);
+    expect(rotated.length === adopted, "an rk on a 4xx was not adopted");
+    gw.mode = "echo";
     await rejects(client.call("x"), s.ResponseForged);
     gw.mode = "ok";
     expect((await client.call("x", 5)).target === "/rest/x/5", "recovers");

@@ -256,6 +256,8 @@ def _forgeries() -> dict[str, Callable[[Any], tuple[int, list, bytes]]]:
             OK_BODY,
         ),
         "minted with the c2s key": c2s_token,
+        # PROTOCOL.md 8, "a c2s token offered as a response": the request's own, genuine token echoed
+        "the request's own token sent back": lambda p: with_token(p, p.headers["Authorization"][len("STT1 ") :]),
         "another kid": lambda p: with_token(p, sign(p, key=s.DirectionKey(K, "s2c", TID, KID_NEXT))),
         "another tenant": lambda p: with_token(p, sign(p, key=s.DirectionKey(K, "s2c", "evil", KID))),
         "another secret": lambda p: with_token(p, sign(p, key=s.DirectionKey(K_NEXT, "s2c", TID, KID))),
