@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import decimal
 import functools
 import importlib
 import importlib.util
@@ -562,15 +563,19 @@ def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
         raise Refused(f"`{name}` is listed but not defined")
     if not callable(func) or inspect.isclass(func):
         raise Refused(f"`{name}` is not a function")
+    # A callable object's hints are its __call__'s: typing reads an instance's class fields.
+    annotated = func if inspect.isroutine(func) or hasattr(func, "__wrapped__") else type(func).__call__
     try:
         signature = inspect.signature(func)
-        hints = typing.get_type_hints(func, include_extras=True)
+        hints = typing.get_type_hints(annotated, include_extras=True)
     except Exception as exc:
         raise Refused(f"`{name}`: cannot read its signature: {exc}") from None
     fields: dict[str, Any] = {}
     for param in signature.parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD, param.POSITIONAL_ONLY):
             raise Refused(f"`{name}`: parameter `{param.name}` cannot be bound from a JSON object")
+        if param.name == "funcName":  # the body's funcName names the function to call
+            raise Refused(f"`{name}`: a parameter cannot be called `funcName`, which names the function to call")
         hint = hints.get(param.name, Any)
         try:
             msgspec.json.schema(hint, schema_hook=_schema_hook)  # proves msgspec can convert into it
@@ -661,66 +666,116 @@ def bind(fn: Exposed, body: bytes, var1: str | None, url_func: str | None) -> di
     for key in args:
         if key not in fn.params:
             raise GatewayError(422, "invalid_arguments", f"Object contains unknown field `{key}`")
-    if var1 is not None:
-        if fn.decode_var1 is None or fn.first is None:
-            raise GatewayError(422, "invalid_arguments", f"`{fn.name}` takes no arguments, so the URL cannot carry one")
-        if fn.first in args:
-            raise GatewayError(422, "invalid_arguments", f"`{fn.first}` is given both in the URL and in the body")
-        try:
-            args[fn.first] = fn.decode_var1(msgspec.json.encode(var1))
-        except msgspec.ValidationError as exc:
-            raise GatewayError(422, "invalid_arguments", f"{exc} - at `$.{fn.first}` (from the URL)") from None
-        body = msgspec.json.encode(args)
+    if var1 is None:
+        return _decode_args(fn.decode_args, fn.args_type, body)
+    if fn.decode_var1 is None or fn.first is None:
+        raise GatewayError(422, "invalid_arguments", f"`{fn.name}` takes no arguments, so the URL cannot carry one")
+    if fn.first in args:
+        raise GatewayError(422, "invalid_arguments", f"`{fn.first}` is given both in the URL and in the body")
     try:
-        return fn.decode_args(body or b"{}")
+        value = fn.decode_var1(msgspec.json.encode(var1))
     except msgspec.ValidationError as exc:
-        return _retry_whole_floats(fn, body, exc)
+        raise GatewayError(422, "invalid_arguments", f"{exc} - at `$.{fn.first}` (from the URL)") from None
+    # The body is decoded as sent, without the URL's argument, which is added after: written
+    # into the body and decoded again, other numbers passed through a float (a Decimal lost
+    # digits) and a float var1 of inf or nan became null.
+    decode, rest_type = _without_first(fn.args_type, fn.first)
+    kwargs = _decode_args(decode, rest_type, body)
+    kwargs[fn.first] = value
+    return kwargs
 
 
-def _retry_whole_floats(fn: Exposed, body: bytes, error: msgspec.ValidationError) -> dict[str, Any]:
-    """Decode again with whole floats as ints where msgspec refused a float, or raise the 422.
+_WITHOUT_FIRST: weakref.WeakKeyDictionary[type, tuple[Callable[[bytes], Any], type]] = weakref.WeakKeyDictionary()
+
+
+def _without_first(args_type: type, first: str) -> tuple[Callable[[bytes], Any], type]:
+    """A decoder for a function's arguments but the first, for a call whose URL carries it.
+
+    Made on the first such call, not at load (a TypedDict and its decoder cost about 40 us, for
+    every function of every module); weakly keyed, so a reload's old types are not kept.
+    """
+    made = _WITHOUT_FIRST.get(args_type)
+    if made is None:
+        fields = {name: hint for name, hint in args_type.__annotations__.items() if name != first}
+        rest_type = TypedDict(args_type.__name__, fields, total=False)  # type: ignore[misc]
+        made = _WITHOUT_FIRST[args_type] = (msgspec.json.Decoder(rest_type).decode, rest_type)
+    return made
+
+
+def _decode_args(decode: Callable[[bytes], Any], args_type: type, body: bytes) -> dict[str, Any]:
+    """Decode strictly, with whole floats as ints where the type wants an int; else the 422.
 
     JSON has one kind of number: 2.0 is the integer 2, as JSON Schema (so /openapi.json) says,
-    but msgspec's strict mode wants it spelled 2. Only the field msgspec names is converted,
-    one field at a time: converting the whole body would turn an untyped or float sibling's
-    2.0 into 2, so a value's type would depend on the fields beside it. A conversion that does
-    not help that field leaves the refusal as the client's values caused it.
+    but msgspec's strict mode wants it spelled 2. Only values whose type is an int change:
+    an untyped or float value keeps the 2.0 it was sent, wherever it is. Numbers are read as
+    Decimal and written back digit for digit, so no other value changes on the way.
     """
-    args = decode_object(body)
-    converted: set[str] = set()
-    while "got `float`" in str(error):
-        field = _top_field(error)
-        if field is None or field in converted or field not in args:
-            break
-        converted.add(field)
-        trial = {**args, field: _whole_floats_as_ints(args[field])}
-        try:
-            return fn.decode_args(msgspec.json.encode(trial))
-        except msgspec.ValidationError as retry:
-            if _top_field(retry) == field:
-                # Still refused there. A float now is one that was not whole, as it was sent;
-                # any other refusal may be about a value made here, so the earlier one stands.
-                if "got `float`" in str(retry):
-                    error = retry
-                break
-            args, error = trial, retry
-    raise GatewayError(422, "invalid_arguments", str(error)) from None
+    try:
+        return decode(body or b"{}")  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        if "got `float`" not in str(exc):
+            raise GatewayError(422, "invalid_arguments", str(exc)) from None
+    import msgspec.inspect as mi
+
+    converted = _ints_where_int(mi.type_info(args_type), _EXACT_DECODE(body))
+    try:
+        return decode(_EXACT_NUMBERS(converted))  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:  # now about the values as sent: "Expected `int` >= 3"
+        raise GatewayError(422, "invalid_arguments", str(exc)) from None
 
 
-def _top_field(error: msgspec.ValidationError) -> str | None:
-    """The argument a msgspec error is about: `n` for "... - at `$.n`" or "`$.n[0].qty`"."""
-    found = re.search(r" - at `\$\.(\w+)", str(error))
-    return found[1] if found else None
+_EXACT_DECODE = msgspec.json.Decoder(float_hook=decimal.Decimal).decode
+_EXACT_NUMBERS = msgspec.json.Encoder(decimal_format="number").encode
 
 
-def _whole_floats_as_ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+def _ints_where_int(info: Any, value: Any) -> Any:
+    """``value`` (numbers as Decimal) with each whole number an int where ``info`` wants one."""
+    import msgspec.inspect as mi
+
+    while isinstance(info, mi.Metadata):
+        info = info.type
+    if isinstance(value, decimal.Decimal):
+        whole = value.is_finite() and value == value.to_integral_value()
+        return int(value) if whole and _wants_int(info) else value
+    if isinstance(info, mi.UnionType):  # the one member that takes this kind of JSON value
+        kind: tuple[type, ...] = (
+            mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType, mi.TupleType, mi.NamedTupleType
+        )
+        if not isinstance(value, list):
+            kind = (mi.DictType, mi.StructType, mi.TypedDictType, mi.DataclassType)
+        members = [t for t in info.types if isinstance(t, kind)]
+        return _ints_where_int(members[0], value) if len(members) == 1 else value
     if isinstance(value, list):
-        return [_whole_floats_as_ints(item) for item in value]
+        if isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+            return [_ints_where_int(info.item_type, item) for item in value]
+        if isinstance(info, (mi.TupleType, mi.NamedTupleType)):
+            types = info.item_types if isinstance(info, mi.TupleType) else [f.type for f in info.fields]
+            return [_ints_where_int(t, item) for t, item in zip(types, value, strict=False)] + value[len(types) :]
+    if isinstance(value, dict):
+        if isinstance(info, mi.DictType):
+            return {key: _ints_where_int(info.value_type, item) for key, item in value.items()}
+        if isinstance(info, (mi.StructType, mi.TypedDictType, mi.DataclassType)):
+            fields = {f.encode_name: f.type for f in info.fields}
+            return {key: _ints_where_int(fields[key], item) if key in fields else item for key, item in value.items()}
     return value
+
+
+def _wants_int(info: Any) -> bool:
+    """An int, an IntEnum or an int Literal, or a union with one of them and no float (int |
+    float already takes 2.0 as the float it is)."""
+    import msgspec.inspect as mi
+
+    while isinstance(info, mi.Metadata):
+        info = info.type
+    if isinstance(info, mi.UnionType):
+        members = info.types
+        return not any(isinstance(t, (mi.FloatType, mi.AnyType, mi.DecimalType)) for t in members) and any(
+            _wants_int(t) for t in members
+        )
+    if isinstance(info, (mi.LiteralType, mi.EnumType)):
+        values = info.values if isinstance(info, mi.LiteralType) else [m.value for m in info.cls]
+        return any(type(v) is int for v in values)
+    return isinstance(info, mi.IntType)
 
 
 def decode_object(body: bytes) -> dict[str, Any]:

@@ -148,3 +148,69 @@ def test_a_whole_float_becomes_an_int_only_where_an_int_is_wanted(fns: dict) -> 
     assert refused(fns["tally"], {"counts": [1.0, 2.5]})[2] == "Expected `int`, got `float` - at `$.counts[1]`"
     # Once 2.0 is read as 2, the refusal names the argument that is really wrong.
     assert refused(fns["add"], {"a": 2.0, "b": "3"})[2] == "Expected `int`, got `str` - at `$.b`"
+
+
+@pytest.fixture(scope="module")
+def siblings() -> dict[str, gateway.Exposed]:
+    return gateway.load_modules(FIXTURES / "binding").functions
+
+
+def raw_bind(fn: gateway.Exposed, body: bytes, var1: str | None = None) -> dict:
+    return gateway.bind(fn, body, var1, fn.name)
+
+
+DIGITS = b"1.23456789012345678901234567890"
+
+
+def test_the_url_argument_changes_no_other_value(siblings: dict) -> None:
+    """With var1 the body was decoded, var1 added, and the whole written and read again: a
+    Decimal lost its digits through a float, and a float var1 of inf became null (None)."""
+    import decimal
+
+    pay = siblings["pay"]
+    exact = decimal.Decimal(DIGITS.decode())
+    assert raw_bind(pay, b'{"account": "x", "amount": ' + DIGITS + b"}")["amount"] == exact
+    assert raw_bind(pay, b'{"amount": ' + DIGITS + b"}", var1="x") == {"account": "x", "amount": exact}
+    assert str(raw_bind(pay, b'{"amount": 1E+2}', var1="x")["amount"]) == "1E+2"
+    args = raw_bind(siblings["maybe"], b"", var1="inf")
+    assert args["x"] == float("inf")
+    assert raw_bind(siblings["maybe"], b"", var1="null") == {"x": None}
+
+
+def test_a_whole_float_beside_changes_no_other_value(siblings: dict) -> None:
+    """Converting 2.0 to 2 for an int re-read every number through a float, and turned every
+    whole float of the same argument into an int, Any and float fields included."""
+    import decimal
+
+    args = raw_bind(siblings["pay"], b'{"account": "x", "qty": 2.0, "amount": ' + DIGITS + b"}")
+    assert args["qty"] == 2 and type(args["qty"]) is int and args["amount"] == decimal.Decimal(DIGITS.decode())
+    body = b'{"item": {"qty": 1.0, "meta": 3.0, "price": 4.0, "pair": [5.0, 6.0]}}'
+    item = raw_bind(siblings["nested"], body)["item"]
+    assert (item.qty, item.meta, item.price, item.pair) == (1, 3.0, 4.0, (5, 6.0))
+    assert [type(v) for v in (item.qty, item.meta, item.price, *item.pair)] == [int, float, float, int, float]
+    listed = raw_bind(siblings["nested"], b'{"item": {"qty": 1}, "items": [{"qty": 2.0, "meta": 7.0}]}')["items"]
+    assert (listed[0].qty, type(listed[0].qty), type(listed[0].meta)) == (2, int, float)
+
+
+def test_a_whole_float_out_of_bounds_is_refused_for_its_bound(siblings: dict) -> None:
+    """2.0 is the int 2: the 422 said `Expected int, got float`, as if 2.0 were the fault."""
+    assert refused(siblings["bounded"], {"x": 2.0})[2] == "Expected `int` >= 3 - at `$.x`"
+    assert refused(siblings["bounded"], {"x": 3.0, "xs": [1, -1.0]})[2] == "Expected `int` >= 0 - at `$.xs[1]`"
+    assert bind(siblings["bounded"], {"x": 3.0, "xs": [1.0]}) == {"x": 3, "xs": [1]}
+
+
+def test_a_callable_object_is_bound_by_its_call_hints(siblings: dict) -> None:
+    """It was validated against its class's fields: x a str, n anything."""
+    fn = siblings["scaled_by"]
+    assert fn.first == "x" and fn.params == {"x", "n"}
+    assert bind(fn, {"x": 5}) == {"x": 5}
+    assert bind(fn, None, var1="5") == {"x": 5}
+    assert refused(fn, {"x": 5, "n": "zz"})[2] == "Expected `int`, got `str` - at `$.n`"
+
+
+def test_a_parameter_named_funcname_is_refused_at_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The body's funcName names the function: such a parameter could only come from the URL."""
+    (tmp_path / "named.py").write_text("__all_exposed__ = ['f']\n\ndef f(funcName: str, n: int = 0):\n    return 1\n")
+    catalog = gateway.load_modules(tmp_path)
+    assert "f" not in catalog.functions
+    assert "funcName" in catalog.refused[0].reason
