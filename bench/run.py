@@ -808,7 +808,8 @@ class Report:
                 k["passed"],
                 text,
                 f"{k['requests']:,} requests, {k['errors']} errors; RSS {k['warmup_rss']:.1f} MB after the warm-up, "
-                f"growth {k['growth']:+.2%} after it (limit +10%); the replay store held at most {k['max_entries']:,} "
+                f"growth {k['growth']:+.2%} after it, {k['growth_beyond_store']:+.2%} beyond the replay store's own "
+                f"(limit +10%); the replay store held at most {k['max_entries']:,} "
                 f"jtis, {per.get('store_bytes_per_jti', math.nan):.0f} bytes per jti",
             )
         else:

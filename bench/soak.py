@@ -23,12 +23,16 @@ own token.
 
 The verdict, printed as PASS or FAIL and returned as the exit status (0 or 1):
 1. errors: every answer is a 200 with the right body (and, python load, a token that verifies);
-2. RSS: no sample after the warm-up is 10% or more above the highest the warm-up reached; and
-   the warm-up must reach the steady state: by its end the first jtis are past their expiry, so
-   the store has dropped them (criterion 3 checks it). (The store is a Python set, whose table
-   doubles when the jtis pass 60% of it, at about 157k, 315k, 629k: a rate that rises after
-   the warm-up and takes the store past one adds the table, 8 or 16 MB, to the RSS. The report
-   gives the store's peak before and after the warm-up, to tell that from a leak.)
+2. RSS: no sample after the warm-up is 10% or more above the highest the warm-up reached,
+   once the replay store's own growth since then is taken off (its entries are bounded by
+   criterion 3); and the warm-up must reach the steady state: by its end the first jtis are
+   past their expiry, so the store has dropped them (criterion 3 checks it). (The store is a
+   Python set. CPython rebuilds its table as purged jtis leave dummy slots, at twice the jtis it
+   holds then, rounded up to a power of two: around 2**19 jtis, about 10,000 req/s, one rebuild
+   makes it 32 MB and the next may make it 16 MB again. Two runs at 4926546 and 59de32f showed
+   that step after the warm-up, +16.7 MB of RSS with +12.8 MB of the store's own, and at
+   59de32f the step back. Growth beyond the store is what a leak elsewhere would show; the
+   raw growth is reported beside it.)
 3. replay store: at every sample during the load its entry count lies between the requests it
    must still remember (answered, iat + 50 >= now) and those it may (sent, iat >= now - 50 -
    SLACK): it holds one window of requests, never more, and forgets nothing early.
@@ -123,6 +127,7 @@ class Verdict:
     end_rss: float
     max_rss: float
     growth: float  # max RSS after the warm-up over the max RSS up to its end, minus 1
+    growth_beyond_store: float  # the same, each sample less the replay store's own growth since the warm-up
     steady: bool  # the warm-up outlasted the first jtis' window: the store was at its steady state
     warmup_entries: int  # the store's peak up to the end of the warm-up
     max_entries: int
@@ -135,18 +140,19 @@ class Verdict:
             self.requests > 0
             and self.errors == 0
             and self.steady
-            and self.growth < GROWTH_LIMIT
+            and self.growth_beyond_store < GROWTH_LIMIT
             and not self.store_failures
         )
 
     def lines(self) -> list[str]:
         return [
-            f"- verdict: **{'PASS' if self.passed else 'FAIL'}** (zero errors; RSS growth after warm-up "
-            f"< {GROWTH_LIMIT:.0%}; replay store within its window)",
+            f"- verdict: **{'PASS' if self.passed else 'FAIL'}** (zero errors; RSS growth after warm-up, beyond "
+            f"the replay store's own, < {GROWTH_LIMIT:.0%}; replay store within its window)",
             f"- requests: {self.requests:,} in {self.seconds:.0f} s ({self.requests / self.seconds:,.0f} req/s), "
             f"errors: {self.errors}",
             f"- RSS: {self.warmup_rss:.1f} MB by the end of the warm-up, {self.max_rss:.1f} MB at most after it, "
-            f"{self.end_rss:.1f} MB at the end: growth {self.growth:+.2%}"
+            f"{self.end_rss:.1f} MB at the end: growth {self.growth:+.2%}, "
+            f"{self.growth_beyond_store:+.2%} beyond the replay store's own"
             + ("" if self.steady else " (NOT at the steady state: the first jtis outlived the warm-up)"),
             f"- replay store: at most {self.max_entries:,} jtis ({self.warmup_entries:,} by the end of the warm-up), "
             f"against {self.max_allowed:,} sent within the window then"
@@ -181,6 +187,8 @@ def judge(samples: Sequence[Sample], batches: Sequence[Batch], errors: int, warm
     # old and the new one for a moment, so one sample can dip or peak by the table's size.
     warmup_rss = max(s.rss_mb for s in during if s.at <= warm.at)
     max_rss = max(s.rss_mb for s in after)
+    warmup_store_mb = max(s.store_bytes for s in during if s.at <= warm.at) / 1e6
+    beyond_store = max(s.rss_mb - max(0.0, s.store_bytes / 1e6 - warmup_store_mb) for s in after)
     return Verdict(
         requests=sum(b.ok for b in batches),
         errors=errors,
@@ -189,6 +197,7 @@ def judge(samples: Sequence[Sample], batches: Sequence[Batch], errors: int, warm
         end_rss=after[-1].rss_mb,
         max_rss=max_rss,
         growth=max_rss / warmup_rss - 1,
+        growth_beyond_store=beyond_store / warmup_rss - 1,
         # The first jtis were past their expiry: the load's inserts have purged them (the store
         # checks above see to that), so the store is at its plateau, or in its sawtooth.
         steady=int(warm.now) > min(b.iat for b in batches) + security.REPLAY_TTL + 1,

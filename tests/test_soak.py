@@ -48,3 +48,30 @@ def test_a_short_soak_passes_and_its_replay_store_stays_bounded(tmp_path: Path) 
     assert round(verdict["per_entry"]["store_bytes_per_jti"]) == int(per_jti.group(1)), verdict
     assert verdict["per_entry"]["jtis"] == verdict["max_entries"], verdict
     assert any("bytes per jti" in line for line in verdict["lines"]), verdict
+
+
+def _judged(rss_step_mb: float, store_step_mb: float) -> object:
+    """bench/soak.py's verdict on 120 s of a steady 100 req/s, with a step in the RSS (and in
+    the replay store's own memory) at 80 s, after the 60 s warm-up."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import soak
+
+    batches = [soak.Batch(iat=t, sent=100, ok=100, first_sent=t, last_done=t + 0.5) for t in range(120)]
+    samples = []
+    for t in range(1, 121):
+        held = sum(b.ok for b in batches if b.last_done <= t and b.iat + 50 >= t)
+        step = t >= 80
+        samples.append(soak.Sample(at=t, now=t, entries=held, rss_mb=100 + rss_step_mb * step,
+                                   store_bytes=int((20 + store_step_mb * step) * 1e6)))
+    return soak.judge(samples, batches, errors=0, warmup_end=60)
+
+
+def test_the_soak_tells_the_replay_stores_table_from_a_leak() -> None:
+    """Two runs failed on +16% of RSS that was the replay store's set table growing from 16 to
+    32 MB (and at 59de32f shrinking back): its entries were bounded all along."""
+    table = _judged(rss_step_mb=16.5, store_step_mb=16)
+    assert table.growth > 0.16 and table.growth_beyond_store < 0.01 and table.passed  # type: ignore[attr-defined]
+    leak = _judged(rss_step_mb=16.5, store_step_mb=0)
+    assert leak.growth_beyond_store > 0.16 and not leak.passed  # type: ignore[attr-defined]
+    shrunk_store = _judged(rss_step_mb=16.5, store_step_mb=-10)  # a store that shrank excuses nothing
+    assert shrunk_store.growth_beyond_store > 0.16 and not shrunk_store.passed  # type: ignore[attr-defined]
