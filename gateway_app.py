@@ -584,6 +584,11 @@ def _exposed(module: types.ModuleType, entry: Entry, source: str) -> Exposed:
                 f"`{name}`: parameter `{param.name}` has a type msgspec cannot convert: "
                 f"{inspect.formatannotation(hint, module.__name__)}"
             ) from None
+        if (why := _never_decodes(hint)) is not None:
+            raise Refused(
+                f"`{name}`: parameter `{param.name}` can never be decoded from JSON ({why}): "
+                f"{inspect.formatannotation(hint, module.__name__)}"
+            )
         fields[param.name] = Required[hint] if param.default is param.empty else NotRequired[hint]
     args_type = TypedDict(f"{name}_args", fields, total=False)  # type: ignore[misc]
     returns = hints.get("return", Any)
@@ -642,6 +647,79 @@ def _from_url_cached(hint: Any) -> bool:
         return node["type"] in ("string", "integer", "number", "boolean", "null")
 
     return scalar(schema)
+
+
+def _never_decodes(hint: Any) -> str | None:
+    """Why no JSON value can ever decode into ``hint``, though msgspec describes it: a set of
+    lists is a 500 on every call (a list is unhashable), a dict keyed by tuples a 422 (JSON's
+    keys are strings). Refused at load, so the author hears of it, not each caller."""
+    if hint in (Any, int, float, str, bool):
+        return None
+    try:
+        return _never_decodes_cached(hint)
+    except TypeError:  # an unhashable hint
+        return _never_decodes_cached.__wrapped__(hint)
+
+
+@functools.lru_cache(maxsize=256)
+def _never_decodes_cached(hint: Any) -> str | None:
+    import msgspec.inspect as mi
+
+    key_types = (
+        mi.StrType, mi.IntType, mi.FloatType, mi.DecimalType, mi.BytesType, mi.EnumType, mi.LiteralType,
+        mi.UUIDType, mi.DateTimeType, mi.DateType, mi.TimeType, mi.TimeDeltaType, mi.AnyType,
+    )  # fmt: skip
+    seen: set[int] = set()
+
+    def bare(info: Any) -> Any:
+        while isinstance(info, mi.Metadata):
+            info = info.type
+        return info
+
+    def never_hashable(info: Any) -> bool:
+        info = bare(info)
+        if isinstance(info, mi.UnionType):
+            return all(never_hashable(t) for t in info.types)
+        if isinstance(info, (mi.TupleType, mi.NamedTupleType)):
+            types = info.item_types if isinstance(info, mi.TupleType) else [f.type for f in info.fields]
+            return any(never_hashable(t) for t in types)
+        if isinstance(info, mi.VarTupleType):
+            return never_hashable(info.item_type)
+        if isinstance(info, mi.StructType):
+            return not info.cls.__struct_config__.frozen
+        if isinstance(info, mi.DataclassType):
+            return info.cls.__hash__ is None
+        return isinstance(info, (mi.ListType, mi.DictType, mi.SetType, mi.ByteArrayType, mi.TypedDictType))
+
+    def walk(info: Any) -> str | None:
+        info = bare(info)
+        if id(info) in seen:  # a recursive type
+            return None
+        seen.add(id(info))
+        if isinstance(info, (mi.SetType, mi.FrozenSetType)) and never_hashable(info.item_type):
+            return "a set cannot hold unhashable items"
+        if isinstance(info, (mi.DictType, mi.FrozenDictType)):
+            key = bare(info.key_type)
+            members = key.types if isinstance(key, mi.UnionType) else (key,)
+            if not any(isinstance(bare(t), key_types) for t in members):
+                return "a JSON object's keys are strings, which cannot become this dict's keys"
+        inner: list[Any] = []
+        if isinstance(info, mi.UnionType):
+            inner = list(info.types)
+        elif isinstance(info, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+            inner = [info.item_type]
+        elif isinstance(info, mi.TupleType):
+            inner = list(info.item_types)
+        elif isinstance(info, (mi.DictType, mi.FrozenDictType)):
+            inner = [info.value_type]
+        elif isinstance(info, (mi.StructType, mi.TypedDictType, mi.DataclassType, mi.NamedTupleType)):
+            inner = [f.type for f in info.fields]
+        for item in inner:
+            if (why := walk(item)) is not None:
+                return why
+        return None
+
+    return walk(mi.type_info(hint))
 
 
 def _schema_hook(cls: type) -> dict[str, Any]:
@@ -715,6 +793,8 @@ def _decode_args(decode: Callable[[bytes], Any], args_type: type, body: bytes) -
     except msgspec.ValidationError as exc:
         if "got `float`" not in str(exc):
             raise GatewayError(422, "invalid_arguments", str(exc)) from None
+    except TypeError as exc:  # a list sent for an item of set[Any]: "unhashable type: 'list'"
+        raise GatewayError(422, "invalid_arguments", f"a set cannot hold this value: {exc}") from None
     import msgspec.inspect as mi
 
     converted = _ints_where_int(mi.type_info(args_type), _EXACT_DECODE(body))
@@ -722,6 +802,8 @@ def _decode_args(decode: Callable[[bytes], Any], args_type: type, body: bytes) -
         return decode(_EXACT_NUMBERS(converted))  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:  # now about the values as sent: "Expected `int` >= 3"
         raise GatewayError(422, "invalid_arguments", str(exc)) from None
+    except TypeError as exc:
+        raise GatewayError(422, "invalid_arguments", f"a set cannot hold this value: {exc}") from None
 
 
 _EXACT_DECODE = msgspec.json.Decoder(float_hook=decimal.Decimal).decode

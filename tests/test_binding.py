@@ -214,3 +214,71 @@ def test_a_parameter_named_funcname_is_refused_at_load(tmp_path) -> None:  # typ
     catalog = gateway.load_modules(tmp_path)
     assert "f" not in catalog.functions
     assert "funcName" in catalog.refused[0].reason
+
+
+UNDECODABLE = {
+    "set[list[int]]": "a set cannot hold unhashable items",
+    "frozenset[dict[str, int]]": "a set cannot hold unhashable items",
+    "set[tuple[int, list[int]]]": "a set cannot hold unhashable items",
+    "set[Open]": "a set cannot hold unhashable items",
+    "list[set[list[int] | dict[str, int]]]": "a set cannot hold unhashable items",
+    "dict[tuple[int, int], int]": "keys are strings",
+    "dict[bool, int]": "keys are strings",
+    "dict[str, dict[Frozen, int]] | None": "keys are strings",
+    "Holder": "a set cannot hold unhashable items",
+}
+DECODABLE = [
+    "set[tuple[int, int]]", "set[Frozen]", "frozenset[frozenset[int]]", "set[Any]", "set[list[int] | int]",
+    "dict[int, int]", "dict[int | None, str]", "dict[Color, int]", "dict[datetime.date, int]", "Tree",
+]  # fmt: skip
+HINT_MODULE = '''
+import datetime, enum
+from typing import Any
+import msgspec
+
+class Open(msgspec.Struct):
+    a: int
+
+class Frozen(msgspec.Struct, frozen=True):
+    a: int
+
+class Color(enum.Enum):
+    red = "red"
+
+class Holder(msgspec.Struct):
+    name: str
+    tags: set[list[str]] = set()
+
+class Tree(msgspec.Struct):
+    children: "list[Tree]" = []
+    labels: dict[str, int] = {}
+'''
+
+
+def test_a_type_no_json_value_decodes_into_is_refused_at_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """msgspec describes these, so they loaded, then every call failed: a set of lists with a
+    500 ("unhashable type"), a dict keyed by tuples with a 422 for any non-empty object."""
+    hints = [*UNDECODABLE, *DECODABLE]
+    for i, hint in enumerate(hints):  # a module each: a refusal refuses its whole module
+        function = f"def f{i}(x: {hint}):\n    return 1\n"
+        (tmp_path / f"m{i}.py").write_text(f"{HINT_MODULE}\n__all_exposed__ = ['f{i}']\n\n{function}")
+    catalog = gateway.load_modules(tmp_path)
+    refused = {entry.reason.split("`")[1]: entry.reason for entry in catalog.refused}
+    for i, (hint, why) in enumerate(UNDECODABLE.items()):
+        assert f"f{i}" in refused, hint
+        assert why in refused[f"f{i}"] and "parameter `x`" in refused[f"f{i}"], refused[f"f{i}"]
+    assert sorted(catalog.functions) == sorted(f"f{i}" for i in range(len(UNDECODABLE), len(hints)))
+
+
+def test_an_unhashable_value_for_a_set_of_anything_is_a_422(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """set[Any] is a fine type, but a list in it was a 500 with the call's traceback logged."""
+    (tmp_path / "sets.py").write_text(
+        "from typing import Any\n__all_exposed__ = ['count']\n\n"
+        "def count(xs: set[Any], n: int = 0):\n    return len(xs)\n"
+    )
+    fn = gateway.load_modules(tmp_path).functions["count"]
+    assert bind(fn, {"xs": [1, "a", 1]}) == {"xs": {1, "a"}}
+    status, code, message = refused(fn, {"xs": [1, [2]]})
+    assert (status, code) == (422, "invalid_arguments") and "unhashable type: 'list'" in message
+    status, code, message = refused(fn, {"xs": [{"a": 1}], "n": 2.0})  # through the whole-float retry too
+    assert (status, code) == (422, "invalid_arguments") and "unhashable type: 'dict'" in message
