@@ -1239,6 +1239,12 @@ class Gateway:
                 ) from None
             if not passed:
                 raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
+        elif caller is not None and caller.otp is not None:
+            # PROTOCOL.md 2: "otp" only when 6 applies. A code where none is asked for is not
+            # ignored: the client misjudged what it calls, and a stray code should not travel.
+            request_id = scope[REQUEST_ID_KEY].decode()
+            log.warning("request %s: an authenticator code for `%s`, which needs none", request_id, fn.name)
+            raise GatewayError(401, "unauthorized", "missing, invalid or expired token", _CHALLENGE)
         kwargs = bind(fn, body, var1, func_name)
         return await self.dispatcher.call(fn, kwargs)
 

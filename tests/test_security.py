@@ -743,6 +743,18 @@ def test_a_function_flagged_otp_needs_a_fresh_code(stack: Stack) -> None:
     assert stack.call(target=target, body=b"", otp=wrong).status == 401
 
 
+def test_a_code_sent_to_a_function_that_needs_none_is_refused(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    """PROTOCOL.md 2: the request payload carries "otp" only when 6 applies. It was ignored."""
+    totp = pyotp.TOTP(stack.keystore.otp_enroll("acme"))
+    stack.clock.now += 1.5
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        answer = stack.call(otp=totp.at(stack.clock.now))
+    assert answer.status == 401 and answer.body == UNAUTHORIZED
+    response_claims(stack, answer)  # the caller holds K: signed, as every answer after step 7
+    assert "an authenticator code for `add`, which needs none" in caplog.text
+    assert stack.call().status == 200
+
+
 def wrong_code(totp: pyotp.TOTP, now: float) -> str:
     """A six-digit code that is none of the three the gateway accepts at ``now``."""
     valid = {totp.at(now + drift) for drift in (-30, 0, 30)}
