@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import secrets
+import select
 import ssl
 import stat
 import sys
@@ -58,6 +59,7 @@ __all__ = [
     "BadRequest",
     "BadResponse",
     "Client",
+    "DEFAULT_MAX_ANSWER",
     "DEFAULT_TIMEOUT",
     "GatewayError",
     "InvalidArguments",
@@ -91,6 +93,10 @@ class GatewayError(Exception):
 
     # The X-Request-Id this client sent with the call, to find the server's log line.
     request_id: str | None = None
+    # True for an error the gateway signed: its code and message are facts. False for an
+    # unsigned hint (PROTOCOL.md 4), which anyone on the path could have sent, and for errors
+    # of this client.
+    verified: bool = False
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(status, code, message)
@@ -104,9 +110,12 @@ class GatewayError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.status!r}, {self.code!r}, {self.message!r})"
 
-    def __reduce__(self) -> tuple[type[GatewayError], tuple[int, str, str]]:
+    def __reduce__(self) -> tuple[type[GatewayError], tuple[int, str, str], dict[str, Any]]:
         # OSError (a base of Unreachable) keeps only two of the three args: rebuild from ours.
-        return type(self), (self.status, self.code, self.message)
+        return type(self), (self.status, self.code, self.message), {
+            "request_id": self.request_id,
+            "verified": self.verified,
+        }
 
 
 class BadRequest(GatewayError):
@@ -291,6 +300,9 @@ def _rest_target(func: str, var1: Any) -> str:
 # twice: wait longer, with a margin for the network and a queue in front of the gateway.
 GATEWAY_CALL_TIMEOUT = 30.0
 DEFAULT_TIMEOUT = GATEWAY_CALL_TIMEOUT + 10.0
+# The largest answer body read, by default: four times the gateway's default --max-result.
+# Anyone on the path can send a body of any size; it is never read whole beyond this.
+DEFAULT_MAX_ANSWER = 64 << 20
 
 
 class Client:
@@ -303,6 +315,8 @@ class Client:
 
     ``timeout`` is seconds per network read; the default outlasts the gateway's default call
     timeout. Give more to call a function whose entry sets a longer ``timeout``.
+    ``max_answer`` is the largest answer body read, in bytes: raise it for a gateway whose
+    ``--max-result`` is over 64 MiB. The body of an unsigned answer is never read.
     """
 
     def __init__(
@@ -311,6 +325,7 @@ class Client:
         *,
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
+        max_answer: int = DEFAULT_MAX_ANSWER,
     ) -> None:
         self._path = os.fspath(cred_path)
         cred = read_credential(self._path)
@@ -319,6 +334,7 @@ class Client:
         self._cred: Credential = cred
         self._clock = clock
         self._timeout = timeout
+        self._max_answer = max_answer
         # Learned only from the iat of verified responses (PROTOCOL.md 4).
         self._offset = 0.0
         self._keys: dict[str, tuple[DirectionKey, DirectionKey]] = {}
@@ -580,15 +596,19 @@ class Client:
             raise
 
     def _exchange(self, prepared: _Prepared) -> tuple[int, list[tuple[str, str]], bytes]:
-        """Send exactly the prepared bytes; read the whole answer.
+        """Send exactly the prepared bytes; read the answer, its body only if it is signed.
 
         http.client puts ``target`` on the request line as given (httpx and requests may
         re-encode a path, which would break the signature). A keep-alive connection the
-        server closed while idle is retried once, on a new connection, with the SAME token:
-        if the first attempt did reach the gateway, its replay check refuses the second, so a
-        call never runs twice.
+        server closed while idle is seen before sending and replaced. One that drops as the
+        request goes out is tried once more, on a new connection, with the SAME token: if the
+        first attempt did reach the gateway, its replay check refuses the second, so a call
+        never runs twice, and that refusal is reported as what it means, "may have run".
         """
+        resent = False
         for attempt in (1, 2):
+            if self._conn is not None and _dropped(self._conn.sock):
+                self._drop()
             reused = self._conn is not None
             if self._conn is None:
                 self._conn = self._connect()
@@ -596,11 +616,12 @@ class Client:
             try:
                 conn.request(prepared.method, prepared.target, body=prepared.body or None, headers=prepared.headers)
                 response = conn.getresponse()
-                body = response.read()
+                body = self._read_body(response)
             except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError) as exc:
                 # RemoteDisconnected is a ConnectionResetError: the usual stale keep-alive.
                 self._drop()
                 if reused and attempt == 1:
+                    resent = True
                     continue
                 raise self._unreachable(exc) from exc
             except (OSError, http.client.HTTPException) as exc:
@@ -609,10 +630,37 @@ class Client:
             except BaseException:
                 self._drop()  # e.g. KeyboardInterrupt mid-request: the connection state is unknown
                 raise
-            if response.will_close:
-                self._drop()
+            if response.will_close or not response.isclosed():
+                self._drop()  # an unread body, or the server's close: the connection is done
+            if resent and response.status == 401:
+                # Signed or not, most likely the replay check refusing the resend: the first
+                # attempt reached the gateway, and its answer was lost with the connection.
+                raise Unreachable(
+                    0,
+                    "unreachable",
+                    f"{self._cred.url}: the connection dropped after the request went out, and the gateway"
+                    " refused it sent again as already seen: the call may have run, so check before retrying",
+                )
             return response.status, response.getheaders(), body
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_body(self, response: http.client.HTTPResponse) -> bytes:
+        """The body of a signed answer, up to ``max_answer`` bytes; nothing of an unsigned one.
+
+        An unsigned answer's body is never used (PROTOCOL.md 4), so it is not read at all:
+        anyone on the path could make it as large as they like.
+        """
+        if response.getheader("STT1-Response") is None:
+            return b""
+        body = response.read(self._max_answer + 1)
+        if len(body) > self._max_answer:
+            self._drop()
+            raise BadResponse(
+                response.status,
+                "bad_response",
+                f"an answer over {self._max_answer} bytes, not read (see the client's max_answer)",
+            )
+        return body
 
     def _unreachable(self, exc: BaseException) -> Unreachable:
         if isinstance(exc, TimeoutError):
@@ -622,9 +670,29 @@ class Client:
                 f"no answer within {self._timeout:g} s; the call may still have run on the gateway,"
                 " so check before retrying"
             )
+        elif isinstance(exc, http.client.HTTPException) and not isinstance(exc, http.client.RemoteDisconnected):
+            # BadStatusLine and its kind quote what came back, and nothing verified it: an
+            # on-path sender could write to the user's terminal through this message.
+            reason = f"{type(exc).__name__}: the answer is not HTTP (its text is not shown: nothing verified it)"
         else:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return Unreachable(0, "unreachable", f"{self._cred.url}: {reason}")
+
+
+def _dropped(sock: Any) -> bool:
+    """Is an idle keep-alive socket unusable? Closed by the server (or sent something unasked
+    for), it polls readable; a live idle one does not. Checked before sending, when a new
+    connection still costs nothing but a handshake."""
+    if sock is None:
+        return True
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 # msgspec raises these besides DecodeError: for bad UTF-8 inside a string, and for deep nesting.
@@ -642,7 +710,9 @@ def _results(status: int, body: bytes) -> Any:
         detail = _DECODE_ERROR(body).error
     except _UNDECODABLE:
         raise BadResponse(status, "bad_response", "an error without a JSON error body") from None
-    raise _SIGNED_ERRORS.get(status, GatewayError)(status, detail.code, detail.message)
+    error = _SIGNED_ERRORS.get(status, GatewayError)(status, detail.code, detail.message)
+    error.verified = True
+    raise error
 
 
 @contextlib.contextmanager
@@ -693,8 +763,9 @@ class AsyncClient:
         *,
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
+        max_answer: int = DEFAULT_MAX_ANSWER,
     ) -> None:
-        self._client = Client(cred_path, clock=clock, timeout=timeout)
+        self._client = Client(cred_path, clock=clock, timeout=timeout, max_answer=max_answer)
 
     def __repr__(self) -> str:
         return f"Async{self._client!r}"

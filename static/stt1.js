@@ -859,13 +859,19 @@ function results(status, body) {
 // twice: wait longer, with a margin for the network and a queue in front of the gateway.
 const GATEWAY_CALL_TIMEOUT = 30;
 export const DEFAULT_TIMEOUT = GATEWAY_CALL_TIMEOUT + 10;
+// setTimeout fires at once for a delay over 2**31 - 1 ms (about 24.8 days): refused, not obeyed.
+const MAX_TIMEOUT = 2147483;
+// The largest answer body read, by default: four times the gateway's default --max-result.
+// Anyone on the path can send a body of any size; it is never read whole beyond this.
+export const DEFAULT_MAX_ANSWER = 64 * 1024 * 1024;
 
 /**
  * A gateway client for one credential: every call signed, every answer verified before use.
  * options: fetch (default globalThis.fetch), clock (() => Unix SECONDS, like Python's
  * time.time; default Date.now() / 1000), timeout (seconds for the whole call, default
  * DEFAULT_TIMEOUT: past the gateway's default call timeout; give more for a function whose
- * entry sets a longer one),
+ * entry sets a longer one; at most about 24.8 days), maxAnswer (the largest answer body read,
+ * bytes, default DEFAULT_MAX_ANSWER; the body of an unsigned answer is never read),
  * onRotate(rk, updated, before) and onPromote(updated, before) (persistence, see #storeNext /
  * #promote; KeyStore.hooks gives both): each may return the keys storage holds afterwards;
  * onStale() returns the stored keys, read after an unsigned 401 (see #adoptStored).
@@ -876,6 +882,7 @@ export class Client {
   #fetch;
   #clock;
   #timeout;
+  #maxAnswer;
   #onRotate;
   #onPromote;
   #onStale;
@@ -884,13 +891,20 @@ export class Client {
   #storing = null;
   #promoting = false;
 
-  constructor(credentialKeys, { fetch, clock, timeout = DEFAULT_TIMEOUT, onRotate, onPromote, onStale } = {}) {
+  constructor(
+    credentialKeys,
+    { fetch, clock, timeout = DEFAULT_TIMEOUT, maxAnswer = DEFAULT_MAX_ANSWER, onRotate, onPromote, onStale } = {},
+  ) {
     checkCredentialKeys(credentialKeys);
     this.#cred = credentialKeys;
     this.#fetch = fetch || globalThis.fetch.bind(globalThis); // unbound window.fetch throws
     this.#clock = clock || (() => Date.now() / 1000);
-    if (!(timeout > 0)) throw new TypeError("timeout is a positive number of seconds");
+    if (!(timeout > 0 && timeout <= MAX_TIMEOUT)) {
+      throw new TypeError(`timeout is a positive number of seconds, at most ${MAX_TIMEOUT}`);
+    }
+    if (!(Number.isSafeInteger(maxAnswer) && maxAnswer > 0)) throw new TypeError("maxAnswer is a positive integer");
     this.#timeout = timeout;
+    this.#maxAnswer = maxAnswer;
     this.#onRotate = onRotate;
     this.#onPromote = onPromote;
     this.#onStale = onStale;
@@ -989,9 +1003,10 @@ export class Client {
         cache: "no-store",
         signal: abort.signal,
       });
-      const body = new Uint8Array(await response.arrayBuffer());
+      const body = await this.#readBody(response);
       return { status: response.status, headers: response.headers, body };
     } catch (err) {
+      if (err instanceof GatewayError) throw err;
       // The request may be out and the function running, or done: a blind retry could run it twice.
       const reason = abort.signal.aborted
         ? `no answer within ${this.#timeout} s; the call may still have run on the gateway, so check before retrying`
@@ -1000,6 +1015,39 @@ export class Client {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /**
+   * The body of a signed answer, up to maxAnswer bytes; nothing of an unsigned one. An
+   * unsigned answer's body is never used (PROTOCOL.md 4), so it is not read at all: anyone on
+   * the path could make it as large as they like.
+   */
+  async #readBody(response) {
+    if (response.headers.get("stt1-response") === null || !response.body) {
+      await response.body?.cancel().catch(() => {});
+      return new Uint8Array(0);
+    }
+    const reader = response.body.getReader();
+    const chunks = [];
+    let length = 0;
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      length += value.length;
+      if (length > this.#maxAnswer) {
+        await reader.cancel().catch(() => {});
+        const message = `an answer over ${this.#maxAnswer} bytes, not read (see the client's maxAnswer)`;
+        throw new BadResponse(response.status, "bad_response", message);
+      }
+      chunks.push(value);
+    }
+    const body = new Uint8Array(length);
+    let at = 0;
+    for (const chunk of chunks) {
+      body.set(chunk, at);
+      at += chunk.length;
+    }
+    return body;
   }
 
   /** PROTOCOL.md 4: nothing of the answer (body, iat, rk) is used before its token verifies. */

