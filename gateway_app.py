@@ -2250,7 +2250,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--out", help="credential file to write (default: NAME-credential.json)")
     tenant.add_parser("list", help="tenants, credentials and their states (never secrets)")
     tenant.add_parser("rotate", help="a pending successor key, delivered in-band").add_argument("name")
-    tenant.add_parser("revoke", help="retire a tenant's credentials, or one kid, now").add_argument("name_or_kid")
+    tenant.add_parser("revoke", help="retire a tenant's credentials, or one kid, now").add_argument(
+        "name_or_kid", help='a tenant, or a kid (one that starts with "-" goes after --: revoke -- -AbC...)'
+    )
     export = tenant.add_parser("export", help="another credential file for a new installation")
     export.add_argument("name")
     export.add_argument("--out", required=True)

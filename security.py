@@ -538,6 +538,14 @@ def new_jti() -> str:
     return b64encode(os.urandom(16))
 
 
+def new_kid() -> str:
+    """A fresh key id, as a jti but never starting with "-": a kid is typed on command lines
+    (`tenant revoke KID`), where argparse took one such kid in 64 for an option."""
+    while (kid := new_jti()).startswith("-"):
+        pass
+    return kid
+
+
 # -- STT1 tokens ---------------------------------------------------------------------------
 
 
@@ -1026,7 +1034,7 @@ class Keystore:
     def _new_credential(
         self, db: sqlite3.Connection, tid: str, state: str, parent: str | None = None
     ) -> tuple[str, bytes]:
-        kid, k = new_jti(), os.urandom(32)
+        kid, k = new_kid(), os.urandom(32)
         db.execute(
             "INSERT INTO credentials (kid, tid, secret, state, created, parent) VALUES (?, ?, ?, ?, ?, ?)",
             (kid, tid, self._seal("key", f"{tid}\x00{kid}", k), state, int(self.clock()), parent),
@@ -1393,7 +1401,7 @@ class RedisKeystore(Keystore):
             raise KeystoreUnavailable(f"redis keystore {self.path}: {exc}") from None
 
     def _add(self, doc: dict[str, Any], tid: str, state: str, parent: str | None = None) -> tuple[str, bytes]:
-        kid, k = new_jti(), os.urandom(32)
+        kid, k = new_kid(), os.urandom(32)
         doc["credentials"][kid] = {
             "tid": tid,
             "secret": b64encode(self._seal("key", f"{tid}\x00{kid}", k)),

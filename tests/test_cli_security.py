@@ -399,3 +399,13 @@ def test_tenant_functions_are_names_spaces_aside(tmp_path: Path) -> None:
     assert (bad.returncode, bad.stderr.strip()) == (
         3, "gateway: --functions takes function names separated by commas, not 'bad-name', '1x'")
     assert "beta" not in cli(tmp_path, "tenant", "list").stdout and not (tmp_path / "beta-credential.json").exists()
+
+
+def test_no_kid_starts_with_a_dash_so_it_can_be_typed(tmp_path: Path) -> None:
+    """One kid in 64 started with "-": `tenant revoke -AbC...` was then taken for an option
+    (this file's rotate test failed that way). The keystores make kids with new_kid."""
+    assert not any(s.new_kid().startswith("-") for _ in range(5000))
+    keystore = s.Keystore(tmp_path / "gw.db")
+    kids = [keystore.add_tenant(f"t{i}")[0] for i in range(3)]
+    assert all(len(s.b64decode(kid)) == 16 for kid in kids)
+    assert cli(tmp_path, "tenant", "revoke", "--", kids[0]).stdout.strip() == f"{kids[0]}: 1 credential(s) retired"
