@@ -24,6 +24,7 @@ class HeaderCaller:
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
+        self.otp = None  # no authenticator code in its token
 
     def may_call(self, name: str) -> bool:
         return True

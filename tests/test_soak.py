@@ -46,7 +46,9 @@ def test_a_short_soak_passes_and_its_replay_store_stays_bounded(tmp_path: Path) 
     assert per_jti is not None and 64 <= int(per_jti.group(1)) <= 400, report
     # The same figures reach bench/run.py through the JSON, which RESULTS.md prints.
     assert round(verdict["per_entry"]["store_bytes_per_jti"]) == int(per_jti.group(1)), verdict
-    assert verdict["per_entry"]["jtis"] == verdict["max_entries"], verdict
+    # The bytes per jti are read at the fullest sample of the whole run; the verdict's maximum is
+    # over the load's window only, and calls still in flight when the load stopped may add a few.
+    assert verdict["max_entries"] <= verdict["per_entry"]["jtis"] <= 1.01 * verdict["max_entries"], verdict
     assert any("bytes per jti" in line for line in verdict["lines"]), verdict
 
 
