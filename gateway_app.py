@@ -1099,6 +1099,9 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def _lifespan(self) -> typing.AsyncIterator[None]:
         tasks = []
+        if self.security is not None and (reason := await self.security.unavailable()) is not None:
+            # Serving anyway (the store may come up later), but not in silence: /healthz says so too.
+            log.warning("%s: calls are refused (503) until it answers", reason)
         if self.security is not None and self.settings.rotate_days > 0:
             tasks.append(asyncio.create_task(self._rotate_by_policy(self.security.keystore)))
         if self.settings.reload and self.modules is not None:
@@ -1261,9 +1264,13 @@ class Gateway:
             if fn.allows(caller)
         }
 
-    def _health(self) -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def _health(self) -> tuple[int, dict[str, Any]]:
+        """200 and "ok", or 503 and "unavailable" with the reason while a shared store (Redis)
+        fails and every call is refused: a load balancer then stops sending calls here."""
+        reason = None if self.security is None else await self.security.unavailable()
+        return 200 if reason is None else 503, {
+            "status": "ok" if reason is None else "unavailable",
+            **({} if reason is None else {"reason": reason}),
             "functions": len(self.catalog.functions),
             "refused": [{"module": r.source, "reason": r.reason} for r in self.catalog.refused],
             # Only while an import hangs (it holds up every reload): else the answer is as documented.
@@ -1273,17 +1280,19 @@ class Gateway:
     async def _healthz(self, request: Any) -> Any:
         # __call__ answers GET and HEAD itself, so Starlette never calls this: its route is there
         # so that other methods get the JSON 405, not a 404.
-        return _json_response(request, self._health())
+        status, health = await self._health()
+        return _json_response(request, health, status)
 
     async def _healthz_raw(self, scope: Scope, send: Send) -> None:
         """GET or HEAD /healthz without Starlette: probes poll it, and it is what a start waits for."""
-        body = msgspec.json.encode(self._health())
+        status, health = await self._health()
+        body = msgspec.json.encode(health)
         headers = [
             (b"content-length", b"%d" % len(body)),
             (b"content-type", _JSON),
             (b"x-request-id", _request_id(scope)),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     async def _openapi(self, request: Any) -> Any:

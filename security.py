@@ -1288,6 +1288,8 @@ class RedisKeystore(Keystore):
         self._error = f"redis keystore {url}: not read yet"
         self._refreshing = threading.Lock()  # held by the one background refresh in flight
         self._serial = threading.Lock()  # one refresh at a time, background or direct
+        self._closed = threading.Event()
+        self._ticking = False  # the thread that keeps the cache fresh between calls (_keep_fresh)
         self._aead = AESGCM(master_key)
         try:
             doc: dict[str, Any] | None = self._reading()
@@ -1302,6 +1304,7 @@ class RedisKeystore(Keystore):
                 self.refresh()
 
     def close(self) -> None:
+        self._closed.set()
         self._redis.close()
 
     def snapshot(self) -> KeyCache:
@@ -1314,6 +1317,8 @@ class RedisKeystore(Keystore):
         check is over MAX_STALE old, this fails closed at once (KeystoreUnavailable, a 503), so
         a revoked key stays usable for at most MAX_STALE seconds wherever Redis is unreachable.
         """
+        if not self._ticking:
+            self._keep_fresh_from_now()
         now = self.clock()
         cache, checked = self._current
         if cache is None or self._due or now - checked >= CHECK_SECONDS:
@@ -1341,6 +1346,22 @@ class RedisKeystore(Keystore):
                 raise
             self._current = (cache, started)
             return cache
+
+    def _keep_fresh_from_now(self) -> None:
+        """Read Redis every CHECK_SECONDS, calls or not, from the first one (or /healthz) on.
+
+        Reads started only by calls left a quiet host's cache older than MAX_STALE, so the first
+        call after a few idle seconds was refused (503) while Redis was fine. Started by the
+        first snapshot, so a `tenant` command, which never takes one, starts no thread.
+        """
+        self._ticking = True
+
+        def tick() -> None:
+            while not self._closed.wait(CHECK_SECONDS):
+                if self._refreshing.acquire(blocking=False):  # else a refresh is in flight already
+                    self._refresh_then_release()
+
+        threading.Thread(target=tick, name="keystore-keep-fresh", daemon=True).start()
 
     def _refresh_in_background(self) -> None:
         if not self._refreshing.acquire(blocking=False):
@@ -1801,6 +1822,41 @@ class RedisReplayStore:
         )
         self._used = 0.0  # time.monotonic() of the last command
         self._since: int | None = None  # the marker as this process last saw it
+        self._mark_at_start(url, timeout)
+
+    def _mark_at_start(self, url: str, timeout: float) -> None:
+        """Set stt1:replay:since now if it is missing, as the first insert would.
+
+        Set by the first insert instead, a brand-new Redis refused the first call made after
+        start (its token was issued before the marker the same insert set), seconds later. Now
+        only tokens issued by the start's second are refused, as with the memory store. Redis
+        down at start: said here, and the first insert that reaches it sets the marker.
+        """
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            now = math.floor(self.clock())
+            if client.set(self.MARKER, now + 1, nx=True):
+                log.warning(
+                    "redis replay store: stt1:replay:since set at start (a new or emptied Redis); "
+                    "tokens issued before %s are refused",
+                    time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 1)),
+                )
+            self._since = int(client.get(self.MARKER) or 0) or None
+        except (redis.RedisError, OSError, ValueError) as exc:
+            log.warning("redis replay store %s: %s; calls are refused (503) until it answers", url, exc)
+        finally:
+            client.close()
+
+    async def ping(self) -> None:
+        """For /healthz: ReplayStoreError unless Redis answers."""
+        import redis
+
+        try:
+            await self._redis.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise ReplayStoreError(f"redis replay store: {exc}") from None
 
     async def check_and_insert(self, key: bytes, expires_at: int) -> bool:
         """One MULTI/EXEC, never retried: a retried insert that had reached Redis would find its
@@ -1986,6 +2042,25 @@ class Security:
 
     ``wrap(app)`` gives the pure-ASGI middleware to put in front of ``/rest``.
     """
+
+    async def unavailable(self) -> str | None:
+        """Why every call is refused (503) now, or None: what /healthz tells a load balancer.
+
+        Asks the keystore as a call does (a Redis one fails once its last good read is
+        MAX_STALE old), and a Redis replay store for a PING; a local file or the memory store has
+        nothing to report ahead of a call.
+        """
+        try:
+            self.keystore.snapshot()
+        except KeystoreUnavailable as exc:
+            return str(exc)
+        ping = getattr(self.replay, "ping", None)
+        if ping is not None:
+            try:
+                await ping()
+            except ReplayStoreError as exc:
+                return str(exc)
+        return None
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pyotp
 import pytest
 import redis
@@ -503,3 +504,61 @@ def test_the_tenant_cli_works_on_a_redis_keystore(redis_server: RedisServer, tmp
     redis_server.stop()
     down = subprocess.run([*run, "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode == 3 and down.stderr.startswith("gateway: redis keystore")
+
+
+def test_a_quiet_host_keeps_its_redis_keystore_fresh(redis_server: RedisServer) -> None:
+    """Reads were started by calls only: after MAX_STALE seconds without one, the next call
+    found the cache too old and got a 503 while Redis was fine. A thread now reads every
+    CHECK_SECONDS from the first snapshot on, calls or not."""
+    clock = Clock(time.time())
+    keystore = s.RedisKeystore(redis_server.url, os.urandom(32), clock)
+    try:
+        keystore.add_tenant("acme")
+        keystore.snapshot()
+        clock.now += s.MAX_STALE + 1  # quiet: no call for that long
+        deadline = time.monotonic() + 10
+        while keystore._current[1] < clock.now:  # the thread's next read, unprompted
+            assert time.monotonic() < deadline, "no read without a call"
+            time.sleep(0.05)
+        assert keystore.snapshot().keys  # the first call after the quiet spell is served
+    finally:
+        keystore.close()
+
+
+def test_a_brand_new_redis_serves_the_first_call_after_the_start_second(redis_server: RedisServer) -> None:
+    """The marker was set by the first insert, to the second after it: that very call (issued
+    seconds after the start) was refused as a possible replay. It is set at start now."""
+    clock = Clock(time.time())
+    assert redis.Redis.from_url(redis_server.url).get(s.RedisReplayStore.MARKER) is None
+    start = int(clock.now)
+    store = s.RedisReplayStore(redis_server.url, clock=clock)
+    clock.now += 3
+
+    async def inserts() -> list[bool]:
+        return [
+            await store.check_and_insert(os.urandom(32), int(clock.now) + s.REPLAY_TTL),
+            await store.check_and_insert(os.urandom(32), start + s.REPLAY_TTL),  # issued in the start second
+        ]
+
+    assert asyncio.run(inserts()) == [True, False]
+
+
+def test_healthz_says_unavailable_while_the_redis_replay_store_is_down(  # type: ignore[no-untyped-def]
+    redis_server: RedisServer, tmp_path: Path, serve
+) -> None:
+    """Every call was a 503 and /healthz said "ok": a load balancer kept sending calls here."""
+    clock = Clock(time.time())
+    keystore = s.Keystore(tmp_path / "gw.db", clock=clock)
+    stack = secured(tmp_path, serve, redis_server.url, clock, keystore, Cred("acme", *keystore.add_tenant("acme")))
+    url = f"http://127.0.0.1:{stack.running.port}/healthz"  # type: ignore[attr-defined]
+    assert stack.call().status == 200 and httpx.get(url).json()["status"] == "ok"
+    redis_server.stop()
+    down = httpx.get(url)
+    assert down.status_code == 503 and down.json()["status"] == "unavailable"
+    assert down.json()["reason"].startswith("redis replay store:") and down.json()["functions"] > 0
+    assert httpx.head(url).status_code == 503
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(url).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
