@@ -845,7 +845,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--json must be a JSON object")
     try:
         client = Client(opts.cred, timeout=opts.timeout)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:  # str() of it reads "[Errno 2] ...": say which file, and why
+        print(f"error: cannot read the credential file {opts.cred}: {_reason(exc)}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the file was read: its error names it and what is wrong
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -855,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results = client.request(opts.func, args, var1=opts.var1, otp=opts.otp)
     except GatewayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Status 0 is no HTTP answer at all (Unreachable): "0 unreachable" would read as one.
+        print(f"error: {exc.code}: {exc.message}" if exc.status == 0 else f"error: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # a bad FUNC, VAR1 or --otp, found before anything was sent
         print(f"error: {exc}", file=sys.stderr)

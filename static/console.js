@@ -347,7 +347,8 @@ function plainWords(err, entry = {}) {
     RateLimited: "Too many calls in a short time. Wait a moment and call again.",
     ServerError: "The function failed on the server. The gateway's log has the details under this request id.",
     Overloaded: "The gateway is busy. Call again in a moment.",
-    Timeout: "The function ran longer than it is allowed to and was stopped.",
+    // Not "stopped": the gateway cancels an async function, but a sync one's thread runs on.
+    Timeout: "The function ran past its time limit. A sync function may still be running on the server.",
     BadResponse: "The gateway signed its answer, but the answer is not in the expected form.",
   };
   return words[err.name] || `The gateway refused the call: ${err.message}.`;

@@ -826,12 +826,18 @@ function verifiedBadResponse(status, message) {
 // Integers past 2**53 (a nanosecond timestamp, a 64-bit id) lose digits as JS numbers: read
 // them as BigInt where the engine shows the parser the source text (JSON.parse source text
 // access: Chromium 114+, Node 21+), and write a BigInt argument as its digits (JSON.rawJSON).
-// An engine without them keeps numbers, as before, and cannot send a BigInt.
+// An engine without them keeps numbers, as before, and refuses a BigInt argument before anything
+// is sent: a Number would silently change the digits, and JSON.stringify's own TypeError does
+// not say why or where it would work.
 const exactIntegers = (key, value, context) =>
   typeof value === "number" && !Number.isSafeInteger(value) && context !== undefined
     && /^-?[0-9]+$/.test(context.source) ? BigInt(context.source) : value;
-const bigintDigits = (key, value) =>
-  typeof value === "bigint" && typeof JSON.rawJSON === "function" ? JSON.rawJSON(String(value)) : value;
+function bigintDigits(key, value) {
+  if (typeof value !== "bigint") return value;
+  if (typeof JSON.rawJSON === "function") return JSON.rawJSON(String(value));
+  throw new TypeError("cannot send a BigInt argument exactly: this runtime has no JSON.rawJSON (Chrome 114, "
+    + "Firefox 135, Safari 18.4, Node 21 have it), and a Number would round it");
+}
 
 /** The results of a verified answer, or the error it carries (marked verified). */
 function results(status, body) {

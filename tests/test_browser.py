@@ -371,6 +371,18 @@ def test_no_answer_at_all_is_shown_as_not_delivered(browser: Browser, console: C
         assert click_call(page, "add", a="2", b="3")["result"] == "5"
 
 
+def test_a_timeout_is_not_said_to_have_stopped_the_function(browser: Browser, console: Console) -> None:
+    """The 504 was shown as "ran longer than it is allowed to and was stopped": a sync function's
+    thread cannot be stopped and runs on (README, error table)."""
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        late = click_call(page, "slow_report", seconds="3")  # its entry allows 1 s
+        assert late["state"] == "verified-error"
+        assert late["message"] == (
+            "The function ran past its time limit. A sync function may still be running on the server."
+        )
+
+
 def test_a_rotated_key_is_adopted_and_survives_a_reload(browser: Browser, console: Console) -> None:
     keystore = console.gateway.keystore
     old = security.read_credential(console.gateway.cred)

@@ -878,7 +878,7 @@ def test_cli_reports_a_gateway_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     path = write_cred(tmp_path / "acme.cred", url=f"http://127.0.0.1:{port}")
     assert c.main(["--cred", str(path), "add", "--json", '{"a": 1}']) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: 0 unreachable: ")
+    assert err.startswith(f"error: unreachable: http://127.0.0.1:{port}: ")  # not "0 unreachable": no status
     no_secrets(err)
 
 
@@ -889,10 +889,24 @@ def test_cli_waits_past_the_gateways_call_timeout(
     assert c.main(["--cred", str(cred_path), "--timeout", "90", "nap", "--json", '{"seconds": 60}']) == 1
     assert silent == [40, 90]
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("error: 0 unreachable: ") and err[0].endswith(
+    assert err[0].startswith("error: unreachable: ") and err[0].endswith(
         "no answer within 40 s; the call may still have run on the gateway, so check before retrying"
     )
     assert "no answer within 90 s; the call may still have run" in err[1]
+
+
+def test_cli_reports_a_credential_file_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed the OSError as is: "error: [Errno 2] No such file or directory: 'nosuch.json'"."""
+    monkeypatch.chdir(tmp_path)
+    assert c.main(["--cred", "nosuch.json", "add"]) == 2
+    assert capsys.readouterr().err == "error: cannot read the credential file nosuch.json: No such file or directory\n"
+    assert c.main(["--cred", str(tmp_path), "add"]) == 2  # a folder
+    assert capsys.readouterr().err == f"error: cannot read the credential file {tmp_path}: Is a directory\n"
+    (tmp_path / "bad.json").write_text("{}")
+    assert c.main(["--cred", "bad.json", "add"]) == 2  # read, but not a credential: that error says so
+    assert capsys.readouterr().err.startswith("error: bad.json is not an STT1 credential file: ")
 
 
 @pytest.mark.parametrize("argv", [

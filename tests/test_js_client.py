@@ -16,13 +16,13 @@ import security
 from conftest import FIXTURES, ROOT, secured_server
 
 
-def run_node(tmp_path: Path, source: str, **values: object) -> Any:
+def run_node(tmp_path: Path, source: str, *, node_flags: tuple[str, ...] = (), **values: object) -> Any:
     """Run ``source`` in node, with ``%(module)s`` the URL of stt1.js and each of ``values`` as
     JSON in its own placeholder; return the JSON the script prints."""
     script = tmp_path / "script.mjs"
     fields = {"module": (ROOT / "static" / "stt1.js").as_uri(), **{k: json.dumps(v) for k, v in values.items()}}
     script.write_text(source % fields)
-    done = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["node", *node_flags, str(script)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -318,3 +318,41 @@ def test_the_javascript_client_reads_no_unsigned_body_and_at_most_max_answer(tmp
     assert out["big"] == ["BadResponse", "an answer over 3145728 bytes, not read (see the client's maxAnswer)"]
     assert 3 <= out["pulled"] <= 8  # the 3 MiB allowed and a little read-ahead, nothing of the unsigned one
     assert out["timeouts"] == [True, False, False, False]
+
+
+# A BigInt argument, with and without JSON.rawJSON (Node 20 has it only behind a V8 flag; the
+# script removes it to stand for every runtime without it, whatever node runs the tests).
+BIGINT = """
+import * as stt1 from "%(module)s";
+if (%(without)s) delete JSON.rawJSON;
+const out = { rawJSON: typeof JSON.rawJSON === "function", sent: [] };
+const client = new stt1.Client(await stt1.importCredential(%(cred)s), {
+  fetch: async (url, init) => {
+    out.sent.push(new TextDecoder().decode(init.body));
+    return new Response(null, { status: 401 });
+  },
+});
+try {
+  await client.call("echo", null, { x: 12345678901234567890n });
+} catch (e) {
+  out.error = [e.constructor.name, e.message];
+}
+console.log(JSON.stringify(out));
+"""
+
+
+def test_a_bigint_argument_is_sent_exactly_or_refused_before_sending(tmp_path: Path) -> None:
+    """Without JSON.rawJSON the call failed inside JSON.stringify with its own words, "Do not know
+    how to serialize a BigInt", which says nothing of why or where it works."""
+    without = run_node(tmp_path, BIGINT, cred=CRED, without=True)
+    assert (without["rawJSON"], without["sent"]) == (False, [])  # refused before anything was sent
+    assert without["error"] == ["TypeError", (
+        "cannot send a BigInt argument exactly: this runtime has no JSON.rawJSON (Chrome 114, Firefox 135,"
+        " Safari 18.4, Node 21 have it), and a Number would round it"
+    )]
+    native = subprocess.run(["node", "-p", "typeof JSON.rawJSON"], capture_output=True, text=True, timeout=60)
+    flags = () if native.stdout.strip() == "function" else ("--harmony-json-parse-with-source",)  # Node 20
+    with_raw = run_node(tmp_path, BIGINT, node_flags=flags, cred=CRED, without=False)
+    assert with_raw["rawJSON"] is True
+    assert with_raw["sent"] == ['{"x":12345678901234567890}']  # every digit, as a JSON number
+    assert with_raw["error"][0] == "Unauthorized"  # the stand-in's unsigned 401, nothing else
