@@ -1151,7 +1151,9 @@ class Gateway:
                 scope["gateway.function"] = func_name
             result = await self._handle(scope, receive, func_name, var1, content_type, content_length)
             status, body = 200, msgspec.json.encode({"results": result, "valid": True})
-            if len(body) > self.settings.max_result:
+            # A function's result only: the catalog (GET /rest/) is the gateway's own, and it grows
+            # with the modules, not with a call; limited too, it broke the console and --catalog.
+            if len(body) > self.settings.max_result and "gateway.function" in scope:
                 raise GatewayError(500, "internal_error", f"the result is over {self.settings.max_result} bytes")
             extra: tuple[tuple[bytes, bytes], ...] = ()
         except GatewayError as exc:

@@ -358,6 +358,17 @@ def test_the_result_limit_is_a_setting(served, tmp_path) -> None:  # type: ignor
     gw = served(gateway.create_app(tmp_path, auth="off", reload=False, max_result=1000))
     assert gw.client.post("/rest/big", json={"size": 1000 - 27}).status_code == 200  # {"results":"","valid":true} is 27
     assert gw.client.post("/rest/big", json={"size": 1000 - 26}).status_code == 500
+    by_name = gw.client.post("/rest/", json={"funcName": "big", "size": 1000 - 26})
+    assert by_name.status_code == 500  # named in the body: a function's result all the same
+
+
+def test_the_result_limit_leaves_the_catalog_alone(served, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--max-result 2000 made GET /rest/ a 500 (the examples' catalog is about 3.5 KB): the
+    console and `client.py --catalog` could list nothing."""
+    (tmp_path / "big.py").write_text(BIG)
+    gw = served(gateway.create_app(tmp_path, auth="off", reload=False, max_result=100))
+    catalog = gw.client.get("/rest/")
+    assert catalog.status_code == 200 and len(catalog.content) > 100 and "big" in catalog.json()["results"]
 
 
 LEAK = """
