@@ -57,6 +57,7 @@ from security import (
     b64encode,
     open_replay_store,
     read_credential,
+    redacted_url,
     write_credential,
 )
 
@@ -1647,14 +1648,14 @@ def build_security(settings: Settings) -> Security:
         log.warning(
             "--keystore %s is shared but --replay memory is not: with several hosts, a token used on one "
             "can be replayed once on each other host within 45 s; give them --replay redis://...",
-            settings.keystore,
+            redacted_url(settings.keystore),
         )
     try:
         replay = open_replay_store(settings.replay, settings.db)
     except sqlite3.Error as exc:  # sqlite's own words name no file
         keystore.close()
         raise sqlite3.Error(
-            f"cannot open the replay store (--replay {settings.replay}, keystore {settings.db}): {exc}"
+            f"cannot open the replay store (--replay {redacted_url(settings.replay)}, keystore {settings.db}): {exc}"
         ) from None
     return Security(keystore, replay, settings.audience)
 
@@ -2396,10 +2397,11 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
         # A mistyped --db or the wrong folder: opening it would create an empty keystore and a
         # new master key, and answer "nothing here" as if that were the real one.
         return _fail(f"no keystore at {settings.db} (check --db; `tenant add` creates one)")
+    where = redacted_url(settings.keystore) if settings.keystore else settings.db
     try:
         keystore = open_keystore(settings)
     except (ValueError, OSError, sqlite3.Error) as exc:
-        return _fail(f"cannot open the keystore {settings.db}: {exc}")
+        return _fail(f"cannot open the keystore {where}: {exc}")
     try:
         if args.action == "add":
             if any(row["tid"] == args.name for row in keystore.rows()):  # before its file's name is refused
@@ -2410,10 +2412,15 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
                 return _fail(f"--functions takes function names separated by commas, not {', '.join(map(repr, bad))}")
             out = args.out or f"{args.name}-credential.json"
             kid = _issue(keystore, settings, args.name, out, lambda: keystore.add_tenant(args.name, functions))
-            print(f"tenant {args.name}: credential {kid} written to {out} (mode 0600; keep it secret)")
+            # The url is this command's --public-url (or --host and --port), not a running gateway's:
+            # shown, so a mismatch is seen here rather than as "unreachable" at the first call.
+            print(
+                f"tenant {args.name}: credential {kid} for {settings.audience} written to {out} "
+                "(mode 0600; keep it secret)"
+            )
         elif args.action == "export":
             kid = _issue(keystore, settings, args.name, args.out, lambda: keystore.add_credential(args.name))
-            print(f"tenant {args.name}: new credential {kid} written to {args.out} (mode 0600)")
+            print(f"tenant {args.name}: new credential {kid} for {settings.audience} written to {args.out} (mode 0600)")
         elif args.action == "list":
             now = time.time()
             for row in keystore.rows():
@@ -2440,7 +2447,7 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
     except (ValueError, OSError, CredentialNotWritten) as exc:  # OSError: the shared keystore is unreachable
         return _fail(str(exc))
     except sqlite3.Error as exc:  # locked, read-only or full: the change was rolled back
-        return _fail(f"the keystore {settings.db} was not changed: {exc}")
+        return _fail(f"the keystore {where} was not changed: {exc}")
     finally:
         keystore.close()
     return 0

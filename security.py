@@ -1237,6 +1237,21 @@ class Keystore:
         return (tid, kid) in self.snapshot().retired
 
 
+def redacted_url(url: str) -> str:
+    """``url`` without a user or password, for logs and messages (a Redis URL may carry both)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        if parts.username is None and parts.password is None and "password" not in parts.query:
+            return url
+        host = parts.hostname or ""
+        netloc = "***@" + (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
+    except ValueError:  # a port that is not a number: say nothing of the rest
+        return url.split("://", 1)[0] + "://***"
+
+
 class KeystoreUnavailable(OSError):
     """The keystore cannot be read (Redis did not answer) or a check cannot be recorded (SQLite
     locked): nothing that depends on it is served, a 503 instead."""
@@ -1272,10 +1287,11 @@ class RedisKeystore(Keystore):
         master_key = master_key if master_key is not None else _master_key_from_env()
         if master_key is None:
             raise ValueError(
-                f"redis keystore {url}: set GATEWAY_MASTER_KEY (the base64url of 32 random bytes) to the same "
-                "value on every host and wherever `tenant` commands run; a shared keystore makes no key file"
+                f"redis keystore {redacted_url(url)}: set GATEWAY_MASTER_KEY (the base64url of 32 random bytes)"
+                " to the same value on every host and wherever `tenant` commands run; a shared keystore makes no"
+                " key file"
             )
-        self.path = url
+        self.path = redacted_url(url)  # what messages name: never the password
         self.clock = clock
         # health_check_interval: a pooled connection idle for a second is PINGed before it is
         # used, so one that a Redis restart closed is replaced instead of failing a call.
@@ -1285,7 +1301,7 @@ class RedisKeystore(Keystore):
         # attribute, so snapshot never pairs a cache with another cache's age.
         self._current: tuple[KeyCache | None, float] = (None, 0.0)
         self._due = False  # a change made through this handle: check again at the next request
-        self._error = f"redis keystore {url}: not read yet"
+        self._error = f"redis keystore {self.path}: not read yet"
         self._refreshing = threading.Lock()  # held by the one background refresh in flight
         self._serial = threading.Lock()  # one refresh at a time, background or direct
         self._closed = threading.Event()
@@ -1845,7 +1861,7 @@ class RedisReplayStore:
                 )
             self._since = int(client.get(self.MARKER) or 0) or None
         except (redis.RedisError, OSError, ValueError) as exc:
-            log.warning("redis replay store %s: %s; calls are refused (503) until it answers", url, exc)
+            log.warning("redis replay store %s: %s; calls are refused (503) until it answers", redacted_url(url), exc)
         finally:
             client.close()
 

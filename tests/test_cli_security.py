@@ -46,7 +46,7 @@ def wait_until_listening(process: subprocess.Popen[str], port: int, within: floa
 def test_tenant_add_writes_a_private_credential_file(tmp_path: Path) -> None:
     out = cli(tmp_path, "tenant", "add", "acme", "--functions", "add,echo").stdout
     cred_path = tmp_path / "acme-credential.json"
-    assert "written to acme-credential.json" in out
+    assert "for http://127.0.0.1:8000 written to acme-credential.json" in out  # the url the file calls
     assert oct(cred_path.stat().st_mode)[-3:] == "600"
     assert oct((tmp_path / "gw.db.key").stat().st_mode)[-3:] == "600"
     cred = s.read_credential(cred_path)

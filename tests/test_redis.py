@@ -562,3 +562,23 @@ def test_healthz_says_unavailable_while_the_redis_replay_store_is_down(  # type:
     while httpx.get(url).status_code != 200:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_redis_url_s_password_is_in_no_message_and_the_keystore_is_named(tmp_path: Path) -> None:
+    """`tenant` errors named the SQLite file (gateway.db) for a Redis keystore, and every Redis
+    keystore message carried its URL whole, password and all."""
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/1"  # nothing listens there
+    assert s.redacted_url(url) == f"redis://***@127.0.0.1:{url.rsplit(':', 1)[1]}"
+    assert s.redacted_url("redis://127.0.0.1:6379/0?password=hunter2") == "redis://***@127.0.0.1:6379/0?***"
+    assert s.redacted_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    keystore = s.RedisKeystore(url, os.urandom(32))
+    with pytest.raises(s.KeystoreUnavailable) as info:
+        keystore.snapshot()
+    assert "hunter2" not in str(info.value) and "redis keystore redis://***@127.0.0.1" in str(info.value)
+    keystore.close()
+    env = {**os.environ, "GATEWAY_MASTER_KEY": s.b64encode(os.urandom(32)), "GATEWAY_KEYSTORE": url}
+    listing = subprocess.run([gateway.sys.executable, str(SCRIPT), "tenant", "list"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 3 and "hunter2" not in listing.stderr + listing.stdout
+    assert listing.stderr.startswith("gateway: redis keystore redis://***@127.0.0.1"), listing.stderr
+    assert "gateway.db" not in listing.stderr
