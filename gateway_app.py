@@ -1226,7 +1226,7 @@ class Gateway:
             raise GatewayError(
                 429,
                 "rate_limited",
-                f"`{fn.name}` allows {rate:g} calls per second; retry in {wait:.2g} s",
+                f"`{fn.name}` allows {rate:g} call{'' if rate == 1 else 's'} per second; retry in {wait:.2g} s",
                 ((b"retry-after", str(math.ceil(wait)).encode()),),
             )
         if fn.otp:
@@ -1833,6 +1833,10 @@ def _folder_id(folder: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _shown_parts(root: Path, parts: set[tuple[str, ...]] | None) -> str:
     return f"all of {root} (another folder now)" if parts is None else ", ".join("/".join(p) for p in sorted(parts))
 
@@ -1882,9 +1886,9 @@ async def _reload(gateway: Gateway, root: Path, parts: set[tuple[str, ...]] | No
     if gateway.metrics is not None:
         gateway.metrics.reloads.inc()
     log.info(
-        "reloaded %s in %.0f ms: %d functions, %d refused",
+        "reloaded after changes to %s, in %.0f ms: %s, %d refused",  # a change may be a deletion
         _shown_parts(root, None if everything else parts), (time.perf_counter() - started) * 1000,
-        len(catalog.functions), len(catalog.refused),
+        _count(len(catalog.functions), "function"), len(catalog.refused),
     )  # fmt: skip
 
 
@@ -2187,7 +2191,7 @@ _OPTIONS: list[tuple[str, type, str]] = [
     ("port", int, "port"),
     ("modules", str, "modules folder"),
     ("db", str, "keystore file (SQLite); its master key is <db>.key unless GATEWAY_MASTER_KEY is set"),
-    ("workers", int, "processes serving the port (needs --replay sqlite)"),
+    ("workers", int, "processes serving the port (needs a shared replay store: --replay sqlite or redis://...)"),
     ("timeout", float, "seconds a call may take, unless its entry sets one"),
     ("max_body", int, "largest request body in bytes, unless a function's entry sets max_body"),
     ("rate", float, "calls per second per tenant and function, unless its entry sets rate (0: no limit)"),
@@ -2219,6 +2223,20 @@ def _env_default(name: str, kind: type, fallback: Any) -> Any:
         raise SystemExit(_fail(f"{variable}={text!r} is not a valid {kind.__name__}")) from None
 
 
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _env_flag(variable: str, fallback: bool) -> bool:
+    """A yes/no GATEWAY_* variable. Anything else is a start-up failure (exit 3): read as "no",
+    GATEWAY_METRICS=enabled served no /metrics, and GATEWAY_RELOAD=maybe reloaded, unwarned."""
+    text = os.environ.get(variable)
+    if text is None:
+        return fallback
+    if text.strip().lower() in _YES + _NO:
+        return text.strip().lower() in _YES
+    raise SystemExit(_fail(f"{variable}={text!r} is not one of {', '.join(_YES)} or {', '.join(_NO)}"))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gateway.py",
@@ -2231,19 +2249,19 @@ def _parser() -> argparse.ArgumentParser:
             f"--{name.replace('_', '-')}",
             type=kind,
             default=_env_default(name, kind, getattr(defaults, name)),
-            help=f"{help_text} (%(default)s)",
+            help=f"{help_text} (%(default)s)" if getattr(defaults, name) != "" else help_text,
         )
     parser.add_argument(
         "--no-reload",
         dest="reload",
         action="store_false",
-        default=os.environ.get("GATEWAY_RELOAD", "1").lower() not in ("0", "false", "no", "off"),
+        default=_env_flag("GATEWAY_RELOAD", True),
         help="do not watch the modules folder for changes (env GATEWAY_RELOAD=0)",
     )
     parser.add_argument(
         "--metrics",
         action="store_true",
-        default=os.environ.get("GATEWAY_METRICS", "0").lower() in ("1", "true", "yes", "on"),
+        default=_env_flag("GATEWAY_METRICS", False),
         help="serve GET /metrics in Prometheus text format (env GATEWAY_METRICS=1)",
     )
     parser.add_argument(
@@ -2257,7 +2275,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     add = tenant.add_parser("add", help="a new tenant and its first credential file")
-    add.add_argument("name")
+    add.add_argument("name", help="up to 32 lowercase letters, digits and -, not starting with -")
     add.add_argument("--functions", help="comma-separated names it may call (default: all)")
     add.add_argument("--out", help="credential file to write (default: NAME-credential.json)")
     tenant.add_parser("list", help="tenants, credentials and their states (never secrets)")
@@ -2267,11 +2285,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     export = tenant.add_parser("export", help="another credential file for a new installation")
     export.add_argument("name")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="credential file to write (it must not exist)")
     tenant.add_parser("otp-enroll", help="an authenticator secret for functions flagged otp").add_argument("name")
     token = commands.add_parser("token", help="print a curl command with a fresh token (valid 45 s, once)")
     token.add_argument("--cred", required=True, help="credential file")
-    token.add_argument("method")
+    token.add_argument("method", help="POST, or GET for the catalog (/rest/)")
     token.add_argument("path", help="path and query, e.g. /rest/add")
     token.add_argument("--data", help="JSON body")
     token.add_argument("--otp", help="authenticator code, for functions flagged otp")
@@ -2407,6 +2425,8 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
             if any(row["tid"] == args.name for row in keystore.rows()):  # before its file's name is refused
                 return _fail(f"tenant {args.name!r} exists already")
             functions = None if args.functions is None else [f.strip() for f in args.functions.split(",") if f.strip()]
+            if functions == []:  # --functions "" or " , ": a tenant that could call nothing, by a slip
+                return _fail("--functions names no function: leave it out to allow every function")
             if functions is not None and (bad := [f for f in functions if not f.isidentifier()]):
                 # A name no function can have would never match: the tenant would get 404s, unwarned.
                 return _fail(f"--functions takes function names separated by commas, not {', '.join(map(repr, bad))}")
@@ -2423,12 +2443,17 @@ def _tenant_command(args: argparse.Namespace, settings: Settings) -> int:
             print(f"tenant {args.name}: new credential {kid} for {settings.audience} written to {args.out} (mode 0600)")
         elif args.action == "list":
             now = time.time()
-            for row in keystore.rows():
+            rows = keystore.rows()
+            states = []
+            for row in rows:
                 state, until = row["state"], row["retire_at"]
                 if state == "retiring" and until is not None:  # retired in effect once its grace is over
                     state = "retired" if until <= now else f"retiring until {_utc(until)}"
+                states.append(state)
+            width = max(map(len, states), default=0)  # "retiring until <time>" is wider than the rest
+            for row, state in zip(rows, states, strict=True):
                 print(
-                    f"{row['tid']:<20} {row['kid']}  {state:<9} functions={row['functions'] or 'all'}"
+                    f"{row['tid']:<20} {row['kid']}  {state:<{width}} functions={row['functions'] or 'all'}"
                     f"{'  otp' if row['otp'] else ''}"
                 )
         elif args.action == "rotate":
@@ -2586,7 +2611,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings.workers == 1:
         app = create_app(settings.modules, settings=settings, security=security if settings.auth == "stt1" else None)
         app.exit_grace = EXIT_GRACE
-        log.info("serving %d functions from %s on %s", len(app.catalog.functions), settings.modules, origin)
+        log.info("serving %s from %s on %s", _count(len(app.catalog.functions), "function"), settings.modules, origin)
         _serve_on(app, sock)
         return 0
     import uvicorn.supervisors

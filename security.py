@@ -946,6 +946,10 @@ class Keystore:
     ) -> None:
         self.path = os.fspath(path)
         self.clock = clock
+        if master_key is None:
+            # A bad GATEWAY_MASTER_KEY is refused before anything is created: a command that
+            # failed on it left an empty keystore file, which the next one took for a keystore.
+            master_key = _master_key_from_env()
         if not os.path.exists(self.path):
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))  # SQLite's -wal/-shm follow its mode
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=ADMIN_WAIT)

@@ -119,6 +119,10 @@ def test_a_bad_setting_is_refused(tmp_path: Path) -> None:
     ([], {"GATEWAY_TIMEOUT": "soon"}, "GATEWAY_TIMEOUT='soon' is not a valid float"),
     (["--timeout", "nan"], {}, "--timeout must be positive"),
     ([], {"GATEWAY_RATE": "nan"}, "--rate must be 0 (no limit) or positive"),
+    # Read as "no" (or "yes"), unwarned: GATEWAY_METRICS=enabled served no /metrics.
+    ([], {"GATEWAY_METRICS": "enabled"},
+     "GATEWAY_METRICS='enabled' is not one of 1, true, yes, on or 0, false, no, off"),
+    ([], {"GATEWAY_RELOAD": "maybe"}, "GATEWAY_RELOAD='maybe' is not one of 1, true, yes, on or 0, false, no, off"),
 ])
 def test_a_bad_log_level_or_port_is_a_startup_failure_not_a_traceback(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str

@@ -154,6 +154,13 @@ def test_the_master_key_can_come_from_the_environment(tmp_path: Path) -> None:
     assert (bad.returncode, bad.stderr.strip()) == (
         3, f"gateway: cannot open the keystore {tmp_path / 'gw.db'}: GATEWAY_MASTER_KEY must be the base64url of 32 "
         "random bytes")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    failed = subprocess.run(  # it changes nothing: it left an empty gw.db behind
+        [*run[:-3], "--db", str(fresh / "gw.db"), "tenant", "add", "m1"], cwd=fresh, env=env, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert failed.returncode == 3 and os.listdir(fresh) == []
 
 
 def test_token_prints_a_curl_command_for_exactly_that_request(tmp_path: Path) -> None:
@@ -399,6 +406,23 @@ def test_tenant_functions_are_names_spaces_aside(tmp_path: Path) -> None:
     assert (bad.returncode, bad.stderr.strip()) == (
         3, "gateway: --functions takes function names separated by commas, not 'bad-name', '1x'")
     assert "beta" not in cli(tmp_path, "tenant", "list").stdout and not (tmp_path / "beta-credential.json").exists()
+    empty = cli(tmp_path, "tenant", "add", "gamma", "--functions", " , ", check=False)  # it could call nothing
+    assert (empty.returncode, empty.stderr.strip()) == (
+        3, "gateway: --functions names no function: leave it out to allow every function")
+    assert "gamma" not in cli(tmp_path, "tenant", "list").stdout
+
+
+def test_tenant_list_keeps_its_columns_for_a_retiring_key(tmp_path: Path) -> None:
+    """A "retiring until <time>" state pushed the functions column of its row out of line."""
+    cli(tmp_path, "tenant", "add", "acme")
+    cli(tmp_path, "tenant", "rotate", "acme")
+    keystore = s.Keystore(tmp_path / "gw.db")
+    pending = next(row["kid"] for row in keystore.rows() if row["state"] == "pending")
+    assert keystore.promote(pending)  # the old key now retires after its grace period
+    keystore.close()
+    lines = cli(tmp_path, "tenant", "list").stdout.splitlines()
+    assert any("retiring until" in line for line in lines) and len(lines) == 2
+    assert len({line.index("functions=") for line in lines}) == 1, lines
 
 
 def test_no_kid_starts_with_a_dash_so_it_can_be_typed(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def test_the_global_rate_applies_where_the_entry_sets_none(serve) -> None:  # ty
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json() == {
         "valid": False,
-        "error": {"code": "rate_limited", "message": "`plain` allows 1 calls per second; retry in 1 s"},
+        "error": {"code": "rate_limited", "message": "`plain` allows 1 call per second; retry in 1 s"},
     }
     assert [gw.post("/rest/unlimited/", {}).status_code for _ in range(5)] == [200] * 5  # rate 0 in its entry
     assert [gw.post("/rest/twice_a_second/", {}).status_code for _ in range(3)] == [200, 200, 429]  # its own
