@@ -506,7 +506,7 @@ def _per_entry(samples: Sequence[Sample], verdict: Verdict) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--seconds", type=float, default=120, help="of load, warm-up included")
     parser.add_argument("--warmup", type=float, default=60, help="seconds of load before RSS is the reference")
     parser.add_argument("--connections", type=int, default=32)
