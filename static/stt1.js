@@ -77,6 +77,12 @@ const UNSIGNED_HINTS = {
   431: [TooLarge, "too_large", "the request's URL and headers are over the gateway's limit (unsigned answer)"],
   // Sent before the token can be verified (the key store is down): the gateway is unavailable.
   503: [Overloaded, "unavailable", "the gateway is unavailable; retry later (unsigned answer)"],
+  // Never the gateway's (its 504 is signed): a proxy in front of it that got no answer, or none
+  // in time. Called a forgery, they raised a false alarm whenever the gateway was down.
+  502: [Unreachable, "unreachable", "no answer from the gateway: a proxy in front of it answered 502 (unsigned); "
+    + "the call may have run, so check before retrying"],
+  504: [Unreachable, "unreachable", "no answer from the gateway in time: a proxy in front of it answered 504 "
+    + "(unsigned); the call may have run, so check before retrying"],
 };
 
 // #### Bytes ###############################################################################

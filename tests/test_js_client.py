@@ -271,7 +271,7 @@ console.log(JSON.stringify(out));
 
 
 def test_unsigned_refusals_are_hints_to_the_javascript_client_not_forgeries(tmp_path: Path) -> None:
-    out = run_node(tmp_path, UNSIGNED, cred=CRED, statuses=[400, 401, 408, 413, 429, 431, 503, 500])
+    out = run_node(tmp_path, UNSIGNED, cred=CRED, statuses=[400, 401, 408, 413, 429, 431, 503, 502, 504, 500])
     assert out == {
         "400": ["BadRequest", "bad_request", False],
         "401": ["Unauthorized", "unauthorized", False],
@@ -280,6 +280,8 @@ def test_unsigned_refusals_are_hints_to_the_javascript_client_not_forgeries(tmp_
         "429": ["RateLimited", "rate_limited", False],
         "431": ["TooLarge", "too_large", False],  # a URL over 64 KiB: it was reported as a forgery
         "503": ["Overloaded", "unavailable", False],  # the key store is down: it was reported as a forgery
+        "502": ["Unreachable", "unreachable", False],  # a proxy's, the gateway down: it was called a forgery
+        "504": ["Unreachable", "unreachable", False],  # a proxy's timeout: the gateway's own 504 is signed
         "500": ["ResponseForged", "response_forged", False],  # a 500 is always signed by the gateway
     }
 
