@@ -86,6 +86,20 @@ CONSOLE_HEADERS = {
 }
 
 
+def _with_console_headers(static_files: type) -> type:
+    """StaticFiles whose every answer carries CONSOLE_HEADERS. The console's own page is in
+    static/ too: served from there without them, it ran without its policy and could be framed
+    by any site, while holding the key the browser had stored for this origin."""
+
+    class ConsoleStaticFiles(static_files):  # type: ignore[misc,valid-type]
+        def file_response(self, *args: Any, **kwargs: Any) -> Any:
+            response = super().file_response(*args, **kwargs)
+            response.headers.update(CONSOLE_HEADERS)
+            return response
+
+    return ConsoleStaticFiles
+
+
 #### Configuration
 
 
@@ -1047,7 +1061,7 @@ class Gateway:
                     Route("/openapi.json", self._openapi),
                     Route("/console", self._console),
                     *([Route("/metrics", self._metrics)] if self.metrics else []),
-                    Mount("/static", StaticFiles(directory=STATIC, check_dir=False)),  # the browser client
+                    Mount("/static", _with_console_headers(StaticFiles)(directory=STATIC, check_dir=False)),
                 ],
                 exception_handlers={
                     HTTPException: self._http_error,

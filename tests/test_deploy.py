@@ -123,7 +123,9 @@ def behind_nginx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
             yield gateway.cred, tls_port, plain_port, cert
 
 
-def test_calls_through_the_shipped_nginx_config_verify_both_ways(behind_nginx: tuple[Path, int, int, Path]) -> None:
+def test_calls_through_the_shipped_nginx_config_verify_both_ways(  # type: ignore[no-untyped-def]
+    behind_nginx: tuple[Path, int, int, Path], caplog
+) -> None:
     """Every call is signed over its exact target and verified on its answer: a target that
     nginx normalised or re-encoded on the way would be a 401, an altered answer a forgery."""
     cred, tls_port, plain_port, cert = behind_nginx
@@ -136,8 +138,14 @@ def test_calls_through_the_shipped_nginx_config_verify_both_ways(behind_nginx: t
     verify = ssl.create_default_context(cafile=cert)
     health = httpx.get(f"{origin}/healthz", verify=verify)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    # nginx's $request_id (32 hex digits) reaches the gateway, which logs and echoes it.
+    # nginx's $request_id (32 hex digits) reaches the gateway, which logs and echoes it; a client's
+    # own id is kept (it was replaced: the console showed an id the gateway's log did not have).
     assert re.fullmatch(r"[0-9a-f]{32}", health.headers["x-request-id"])
+    mine = httpx.get(f"{origin}/healthz", verify=verify, headers={"X-Request-Id": "6fff1ebbdc189835"})
+    assert mine.headers["x-request-id"] == "6fff1ebbdc189835"
+    with stt1_client.Client(cred) as api, pytest.raises(stt1_client.ServerError) as failed:
+        api.call("boom")
+    assert failed.value.request_id is not None and f"request {failed.value.request_id}: `boom` raised" in caplog.text
     assert httpx.get(f"{origin}/metrics", verify=verify).status_code == 403  # only for 10.0.0.0/8
     redirect = httpx.get(f"http://127.0.0.1:{plain_port}/rest/add?x=1")
     assert redirect.status_code == 308 and redirect.headers["location"] == "https://127.0.0.1/rest/add?x=1"

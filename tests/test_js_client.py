@@ -69,6 +69,18 @@ def test_the_gateway_serves_the_browser_module(serve) -> None:  # type: ignore[n
     assert gw.client.get("/static/../gateway.py").status_code == 404
 
 
+def test_the_console_page_has_its_policy_wherever_it_is_served(serve) -> None:  # type: ignore[no-untyped-def]
+    """/static/console.html is the console too: it was served with no Content-Security-Policy,
+    so it could be framed by any site while holding the key stored for this origin."""
+    gw = serve(gateway.create_app(FIXTURES / "e2e", auth="off", reload=False))
+    for path in ("/console", "/static/console.html", "/static/stt1.js", "/static/console.js"):
+        answer = gw.client.get(path)
+        assert answer.status_code == 200, path
+        assert answer.headers["content-security-policy"] == gateway.CONSOLE_HEADERS["Content-Security-Policy"], path
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+        assert answer.headers["x-content-type-options"] == "nosniff", path
+
+
 # The credential of the tests below: they run no gateway, so the keys are fixed.
 CRED = {"stt": 1, "url": "http://127.0.0.1:8000", "tid": "acme", "kid": "EBESExQVFhcYGRobHB0eHw",
         "k": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"}
