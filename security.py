@@ -1617,6 +1617,33 @@ class ReplayStoreError(Exception):
     """The store could not answer (full, down, locked): the request must not go through."""
 
 
+class _NeverBack:
+    """time.time that never goes back, for the clock check and the replay stores together.
+
+    A store forgets a jti once the clock passes its expiry, and the clock check takes a token
+    while the clock says it is fresh. A clock stepped forward (NTP, a resumed VM), then back, made
+    the store forget ids the check took again: a used token ran twice. With one clock that never
+    goes back, what is forgotten stays too old. The price, after a step back: tokens from
+    clocks that are right are refused (401) until the real clock catches up, or 45 s less.
+    """
+
+    def __init__(self, wall: Callable[[], float] = time.time) -> None:
+        self._wall = wall
+        self._latest = 0.0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        now = self._wall()
+        with self._lock:  # two threads must not write back an earlier time
+            if now > self._latest:
+                self._latest = now
+            return self._latest
+
+
+# The default clock of Security and the replay stores: one for the process, so that they agree.
+server_clock: Callable[[], float] = _NeverBack()
+
+
 class MemoryReplayStore:
     """One process. Keys are bucketed by expiry second so purging is amortised O(1).
 
@@ -1633,7 +1660,7 @@ class MemoryReplayStore:
 
     shared = False  # another process cannot see it: the gateway refuses it with --workers > 1
 
-    def __init__(self, max_entries: int = 2_000_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, max_entries: int = 2_000_000, clock: Callable[[], float] = server_clock) -> None:
         self.max_entries = max_entries
         self.clock = clock
         self._seen: set[bytes] = set()
@@ -1708,7 +1735,7 @@ class SqliteReplayStore:
     def __init__(
         self,
         path: str | os.PathLike[str],
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = server_clock,
         purge_every: int = 1000,
         timeout: float = 2.0,
     ) -> None:
@@ -1765,7 +1792,9 @@ class SqliteReplayStore:
             # Best effort: the insert above is committed, so a busy purge must not make it retried
             # (which would find the key and call a fresh token a replay). The next purge catches up.
             with contextlib.suppress(sqlite3.Error):
-                db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()),))
+                # MAX_SKEW late: each worker's clock never goes back, but one that saw a step
+                # forward would purge ids that another, which did not, would take again.
+                db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()) - MAX_SKEW,))
         return new
 
     def _insert_waiting(self, key: bytes, expires_at: int, deadline: float) -> bool:
@@ -1810,7 +1839,8 @@ class RedisReplayStore:
     which is a 503 here, never a forgotten jti. redis-py reconnects by itself once Redis is back.
 
     The expiry counts from the gateway's clock (``clock``), not Redis's: with EXAT, a Redis
-    clock a few seconds ahead would drop each key as soon as it was set.
+    clock a few seconds ahead would drop each key as soon as it was set. And it is MAX_SKEW
+    later than expires_at: another host whose clock runs behind takes the token for longer.
 
     A Redis that restarts empty (no persistence) or is flushed forgets every jti, so a token
     used just before could run again. The store therefore keeps ``stt1:replay:since``, the
@@ -1827,7 +1857,7 @@ class RedisReplayStore:
     shared = True
     MARKER = b"stt1:replay:since"
 
-    def __init__(self, url: str, timeout: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, url: str, timeout: float = 0.5, clock: Callable[[], float] = server_clock) -> None:
         import redis.asyncio
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -1895,7 +1925,9 @@ class RedisReplayStore:
         now = math.floor(self.clock())  # after the PING, which may have waited
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.set(b"stt1:seen:" + key, b"1", nx=True, ex=max(1, expires_at - now))
+                # MAX_SKEW longer than expires_at by this host's clock: a host whose clock runs
+                # behind takes the token for that much longer (hosts up to 50 s apart).
+                pipe.set(b"stt1:seen:" + key, b"1", nx=True, ex=max(1, expires_at - now) + MAX_SKEW)
                 pipe.set(self.MARKER, now + 1, nx=True)  # only when missing: Redis is new or lost its data
                 pipe.get(self.MARKER)
                 fresh, created, marker = await pipe.execute()
@@ -2088,7 +2120,7 @@ class Security:
         replay: MemoryReplayStore | SqliteReplayStore | Any,
         audience: str,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = server_clock,
         boot_time: float | None = None,
         throttle: Throttle | None = None,
     ) -> None:

@@ -465,6 +465,27 @@ def test_the_same_token_twice_is_refused(stack: Stack) -> None:
     not_run(stack, before)
 
 
+def test_a_clock_stepped_forward_then_back_lets_no_token_run_twice(tmp_path: Path, serve) -> None:  # type: ignore[no-untyped-def]
+    """The store forgot a jti once the clock passed its expiry; a clock stepped forward (NTP, a
+    resumed VM) then back made the clock check take that token again, and it ran twice. The
+    server's clock (s.server_clock, shared by the check and the store) never goes back."""
+    wall = Clock(T0)
+    server = s._NeverBack(wall)
+    stack = make_stack(tmp_path, serve, clock=server, replay=s.MemoryReplayStore(clock=server))  # type: ignore[arg-type]
+    token, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(T0) - 7)
+    assert stack.with_token(token).status == 200
+    before = stack.calls["add"]
+    wall.now += 44  # stepped forward: the token's id (kept until T0 + 43) is purged by the next call
+    fresh, _ = mint_request(stack.acme, "POST", b"/rest/add", JSON, BODY, int(wall.now))
+    assert stack.with_token(fresh).status == 200
+    wall.now -= 44  # and back
+    refused(stack, stack.with_token(token))  # too old by the server's clock, which stayed
+    assert stack.calls["add"] == before + 1
+    assert s.Security(stack.keystore, s.MemoryReplayStore(), AUD).clock is s.server_clock
+    assert s.MemoryReplayStore().clock is s.server_clock
+    assert s.SqliteReplayStore(tmp_path / "r.db").clock is s.server_clock
+
+
 class JumpingClock(Clock):
     """Gives ``now`` once more, then jumps to ``jump_to``: the server reads the time first when a
     request's headers are in, so every later reading is the time after its body."""
