@@ -11,6 +11,8 @@ const SLOT = "console";
 const $ = (id) => document.getElementById(id);
 let store = null; // KeyStore, or null when this browser cannot keep keys
 let client = null;
+let unsaved = false; // keys from a file, stored only once the gateway has answered them (verified)
+let tabs = null; // BroadcastChannel to the other tabs of this console: "forget" drops their client
 
 function notice(text, bad = false) {
   const p = $("notice");
@@ -32,17 +34,32 @@ function showKeys(keys) {
   $("origin").textContent = keys.url;
 }
 
-async function useKeys(keys) {
-  // Tokens are bound to the credential's url, and this page may only talk to its own origin
-  // (CSP connect-src 'self'): a credential for another gateway belongs in that gateway's console.
-  if (keys.url !== location.origin) {
-    notice(`This credential is for ${keys.url}, but this console belongs to ${location.origin}. `
-      + `Open ${keys.url}/console to use it.`, true);
-    return false;
+/**
+ * Why this console cannot use a credential's url, or "". Tokens are bound to the url as written,
+ * which must be a bare origin, and this page may only talk to its own origin (CSP connect-src
+ * 'self'): a credential for another gateway belongs in that gateway's console.
+ */
+function urlProblem(url) {
+  let origin = null;
+  try {
+    origin = new URL(url).origin;
+  } catch {
+    // not a URL at all
   }
+  if (!/^https?:\/\/[^/?#@\s\\]+$/.test(url) || !origin || origin === "null") {
+    return `This credential's url (${url}) is malformed: it must be an origin like ${location.origin}, `
+      + "with no path, not even a trailing slash. Ask the operator for a new credential file.";
+  }
+  if (origin === location.origin) return "";
+  return `This credential is for ${origin}, but this console belongs to ${location.origin}. `
+    + `Open ${origin}/console to use it.`;
+}
+
+/** Client options that keep rotated keys in IndexedDB, or none when this browser cannot. */
+function persistence() {
   // Only over what this tab last read or wrote (KeyStore.swap): another tab of this console may
   // have rotated further, and the client then takes the stored keys instead.
-  const persist = store && {
+  return store ? {
     onRotate: async (rk, updated, before) => {
       const stored = await store.swap(before, updated, SLOT);
       if (stored.tid === updated.tid) showKeys(stored);
@@ -57,8 +74,18 @@ async function useKeys(keys) {
       return stored;
     },
     onStale: () => store.load(SLOT),
-  };
-  client = new Client(keys, persist || {});
+  } : {};
+}
+
+async function useKeys(keys, fromFile = false) {
+  const problem = urlProblem(keys.url);
+  if (problem) {
+    notice(problem, true);
+    return false;
+  }
+  // A file's keys get no hooks until showCatalog stores them: the slot does not hold them yet.
+  unsaved = fromFile;
+  client = new Client(keys, fromFile ? {} : persistence());
   showKeys(keys);
   await showCatalog();
   return true;
@@ -77,32 +104,53 @@ async function loadFile(event) {
     notice(`${file.name} is not a gateway credential (${err.message.replace(/^not an STT1 credential: /, "")}).`, true);
     return;
   }
-  // Stored before its first call: the hooks replace only what this tab last stored or read.
-  if (store && keys.url === location.origin) await store.save(keys, SLOT);
-  if (!(await useKeys(keys))) return;
+  if (!(await useKeys(keys, true))) return;
   if (!store) notice("This browser cannot keep keys (no IndexedDB here): load the file again after a reload.");
+}
+
+function drop(text) {
+  client = null;
+  unsaved = false;
+  $("catalog").replaceChildren();
+  showKeys(null);
+  notice(text);
 }
 
 async function forget() {
   if (store) await store.delete(SLOT);
-  client = null;
-  $("catalog").replaceChildren();
-  showKeys(null);
-  notice("The key is gone from this browser. Your credential file still works elsewhere.");
+  tabs?.postMessage("forget");
+  drop("The key is gone from this browser. Your credential file still works elsewhere.");
+}
+
+/** Another tab forgot the stored key: stop using it here too (a file's unsaved keys are not it). */
+function forgotElsewhere(event) {
+  if (event.data !== "forget" || !client || unsaved) return;
+  drop("The key was forgotten in another tab of this console. Choose the credential file to use it again.");
 }
 
 // #### Catalog #############################################################################
 
 async function showCatalog() {
   const catalog = $("catalog");
+  notice(""); // an earlier failure's notice; one the catalog call brings (a rotation) stays
+  const asked = client;
   let entries;
   try {
-    entries = await client.catalog();
+    entries = await asked.catalog();
   } catch (err) {
-    catalog.replaceChildren();
+    if (client !== asked) return; // forgotten meanwhile
+    // An unsigned refusal or no answer says nothing about the catalog: keep what is shown.
+    if (err.verified || !(err instanceof GatewayError)) catalog.replaceChildren();
     notice(plainWords(err), true);
     return;
   }
+  if (client !== asked) return;
+  // The gateway answered these keys (verified): keep a file's keys now, and persist from now on.
+  if (unsaved && store) {
+    await store.save(client.credential, SLOT);
+    client = new Client(client.credential, persistence());
+  }
+  unsaved = false;
   const names = Object.keys(entries).sort();
   catalog.replaceChildren(...names.map((name) => functionCard(name, entries[name])));
   $("empty").hidden = names.length > 0;
@@ -171,6 +219,9 @@ function functionCard(name, entry) {
   const form = $("function-card").content.firstElementChild.cloneNode(true);
   form.dataset.function = name;
   form.querySelector(".name").textContent = name;
+  form.querySelector("h3").id = `fn-${name}`;
+  form.setAttribute("aria-labelledby", `fn-${name}`);
+  form.querySelector("button[type=submit]").setAttribute("aria-label", `Call ${name}`);
   form.querySelector(".doc").textContent = entry.doc || "";
   const root = entry.arguments;
   const args = resolve(root, root);
@@ -222,6 +273,9 @@ function target(name, var1) {
   }
 }
 
+const WHOLE_RE = /^[+-]?[0-9]+$/;
+const DECIMAL_RE = /^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?$/; // JSON's number syntax
+
 /**
  * The form's values as { args, var1, problem }. Empty optional fields are left out; var1 goes
  * in the URL when it is a plain value the URL can carry, else in the body.
@@ -235,13 +289,14 @@ function collect(fields, var1Name, lenient = false) {
     if (text === "" && kind.kind === "string") continue;
     let value;
     if (kind.kind === "integer" || kind.kind === "number") {
+      // Only what reads the same everywhere: Number() also takes "0x10" (16), "1e3" (1000), "0b1".
       const digits = text.trim();
-      value = Number(digits);
-      if (kind.kind === "integer" && !Number.isSafeInteger(value) && /^-?[0-9]+$/.test(digits)
-          && typeof JSON.rawJSON === "function") {
+      const plain = kind.kind === "integer" ? WHOLE_RE.test(digits) : DECIMAL_RE.test(digits);
+      value = plain ? Number(digits) : NaN;
+      if (kind.kind === "integer" && plain && !Number.isSafeInteger(value) && typeof JSON.rawJSON === "function") {
         value = BigInt(digits); // past 2**53 a Number would change the digits sent (stt1.js writes them)
       }
-      if (typeof value === "number" && (!Number.isFinite(value) || (kind.kind === "integer" && !Number.isInteger(value)))) {
+      if (typeof value === "number" && !Number.isFinite(value)) {
         if (lenient) continue;
         return { problem: `${param} must be a ${KIND_WORDS[kind.kind]}; "${text}" is not.` };
       }
@@ -265,17 +320,20 @@ function collect(fields, var1Name, lenient = false) {
 // #### Calls ###############################################################################
 
 async function call(form, name, fields, entry) {
-  const button = form.querySelector("button[type=submit]");
+  // Not button.disabled: that would move the focus to <body>. aria-busy marks the call instead.
+  if (form.getAttribute("aria-busy") === "true") return;
   const otpInput = form.querySelector("input[name=otp]");
   const { args, var1, problem } = collect(fields, entry.var1);
-  if (problem) {
-    show(form, { verdict: "Not sent", tone: "bad", state: "unsent", message: problem });
+  const otp = otpInput ? otpInput.value.trim() : undefined;
+  if (problem || (otpInput && !/^[0-9]{6}$/.test(otp))) {
+    const message = problem || "Enter the 6-digit code your authenticator app shows: this function asks for one.";
+    show(form, { verdict: "Not sent", tone: "bad", state: "unsent", message });
     return;
   }
-  button.disabled = true;
+  form.setAttribute("aria-busy", "true");
+  show(form, { verdict: "Calling…", tone: "busy", state: "calling" }); // the last result is not this call's
   const started = performance.now();
   try {
-    const otp = otpInput && otpInput.value ? otpInput.value.trim() : undefined;
     const value = await client.request(name, args, { var1, otp });
     show(form, {
       verdict: "Verified: signed by the gateway for this call", tone: "ok", state: "verified",
@@ -289,8 +347,8 @@ async function call(form, name, fields, entry) {
     }
     const meta = `HTTP ${err.status || "none"} · ${err.code} · request id ${err.requestId}`;
     if (err.verified) {
-      show(form, { verdict: "Verified: signed by the gateway for this call", tone: "ok", state: "verified-error",
-        message: plainWords(err, entry), meta });
+      show(form, { verdict: "Refused: a verified answer, signed by the gateway for this call", tone: "warn",
+        state: "verified-error", message: plainWords(err, entry), meta });
     } else if (err instanceof Unreachable) {
       show(form, { verdict: "Not delivered: no answer from the gateway", tone: "bad", state: "undelivered",
         message: plainWords(err), meta });
@@ -302,25 +360,19 @@ async function call(form, name, fields, entry) {
         message: plainWords(err, entry), meta });
     }
   } finally {
-    button.disabled = false;
+    form.removeAttribute("aria-busy");
+    if (otpInput) otpInput.value = ""; // a code works once
   }
 }
 
+/** Fill the form's outcome region, which stays in the page (empty) so screen readers hear it change. */
 function show(form, { verdict, tone, state, message = "", result = "", meta = "" }) {
   const box = form.querySelector(".outcome");
-  box.hidden = false;
   box.dataset.state = state;
   const v = box.querySelector(".verdict");
   v.textContent = verdict;
   v.className = `verdict ${tone}`;
-  let m = box.querySelector(".message");
-  if (!m) {
-    m = document.createElement("p");
-    m.className = "message";
-    v.after(m);
-  }
-  m.textContent = message;
-  m.hidden = !message;
+  box.querySelector(".message").textContent = message;
   box.querySelector(".result").textContent = result;
   box.querySelector(".meta").textContent = meta;
 }
@@ -334,17 +386,23 @@ function plainWords(err, entry = {}) {
   }
   if (err instanceof Unreachable) return `No answer from the gateway (${err.message}). Is it running and reachable?`;
   if (err instanceof Unauthorized && !err.verified) {
-    return entry.otp
-      ? "The gateway refused the call: check the authenticator code (a code works once, for 30 seconds)."
-      : "The gateway did not accept this credential: the key may be revoked or expired, or this device's clock "
-        + "is far off. Ask the operator for a new credential file.";
+    // Unsigned: anyone on the path could send it, and the gateway sends it in its first second
+    // too (PROTOCOL.md 4: it means only "retry"). A wrong authenticator code gets a signed 401.
+    return "The gateway refused the request with an unsigned answer: try again. If it keeps failing, the key "
+      + "may have been revoked, or this device's clock may be off.";
+  }
+  if (err instanceof Unauthorized && entry.otp) {
+    return "The gateway refused the authenticator code: it is wrong, expired or already used. "
+      + "Wait for the next code and call again.";
   }
   const words = {
     BadRequest: `The gateway could not read the request: ${err.message}.`,
     NotFound: "This function is gone, or this tenant may not call it. Reload the catalog.",
     InvalidArguments: `The arguments do not fit this function: ${err.message}.`,
     TooLarge: "The arguments are larger than the gateway accepts.",
-    RateLimited: "Too many calls in a short time. Wait a moment and call again.",
+    RateLimited: entry.otp && err.verified && err.code === "throttled" // the gateway's own words, signed
+      ? `Authenticator codes are locked after too many wrong ones (${err.message}).`
+      : "Too many calls in a short time. Wait a moment and call again.",
     ServerError: "The function failed on the server. The gateway's log has the details under this request id.",
     Overloaded: "The gateway is busy. Call again in a moment.",
     // Not "stopped": the gateway cancels an async function, but a sync one's thread runs on.
@@ -360,6 +418,10 @@ async function start() {
   $("credential-file").addEventListener("change", loadFile);
   $("forget").addEventListener("click", forget);
   $("refresh").addEventListener("click", () => showCatalog());
+  if (typeof BroadcastChannel === "function") {
+    tabs = new BroadcastChannel("stt1-console");
+    tabs.onmessage = forgotElsewhere;
+  }
   try {
     store = await KeyStore.open("stt1-console");
   } catch {

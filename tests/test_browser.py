@@ -232,9 +232,9 @@ def click_call(page: Page, function: str, **fields: str) -> dict[str, str]:
     form = page.locator(f"form[data-function={function}]")
     for name, value in fields.items():
         form.locator(f"#f-{function}-{name}").fill(value)
-    form.locator(".outcome").evaluate("box => { box.hidden = true; delete box.dataset.state; }")
+    form.locator(".outcome").evaluate("box => { delete box.dataset.state; }")
     form.get_by_role("button", name="Call").click()
-    form.locator(".outcome[data-state]").wait_for()
+    form.locator(".outcome[data-state]:not([data-state=calling])").wait_for()
     read = form.locator(".outcome").evaluate(
         """box => ({state: box.dataset.state, verdict: box.querySelector(".verdict").textContent,
                    message: box.querySelector(".message")?.textContent ?? "",
@@ -463,3 +463,189 @@ def test_the_console_explains_a_bad_file_and_a_credential_for_another_gateway(br
         assert notice.text_content() == (f"This credential is for https://api.example.com, but this console belongs "
                                          f"to {console.url}. Open https://api.example.com/console to use it.")
         assert page.get_by_test_id("load").is_visible()  # nothing loaded, nothing stored
+
+
+def serve_module(console: Console, filename: str, source: str, function: str) -> None:
+    """Save a module in the served folder and wait until live reload serves `function`."""
+    (console.gateway.app.modules / filename).write_text(source)  # type: ignore[operator]
+    deadline = time.monotonic() + 10
+    while function not in console.gateway.app.catalog.functions:
+        assert time.monotonic() < deadline, "the saved module was not served"
+        time.sleep(0.05)
+
+
+def outcome_now(page: Page, function: str) -> dict[str, str]:
+    """The outcome region of a form as it is at this moment (a call may be running)."""
+    return dict(page.locator(f"form[data-function={function}]").evaluate(
+        """form => ({state: form.querySelector(".outcome").dataset.state ?? "",
+                    verdict: form.querySelector(".verdict").textContent,
+                    result: form.querySelector(".result").textContent,
+                    busy: form.getAttribute("aria-busy") ?? "",
+                    focused: document.activeElement === form.querySelector("button[type=submit]")})"""
+    ))
+
+
+def test_a_running_call_shows_calling_not_the_last_result(browser: Browser, console: Console) -> None:
+    """The last result stayed beside the new inputs for the whole call; only the button was dimmed."""
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        assert click_call(page, "slow_report", seconds="0.05")["result"] == '"report built in 0.05 s"'
+        form = page.locator("form[data-function=slow_report]")
+        form.locator("#f-slow_report-seconds").fill("0.8")
+        form.get_by_role("button", name="Call").click()
+        running = outcome_now(page, "slow_report")
+        assert (running["state"], running["verdict"], running["result"]) == ("calling", "Calling…", "")
+        form.locator(".outcome[data-state=verified]").wait_for()
+        assert outcome_now(page, "slow_report")["result"] == '"report built in 0.8 s"'
+
+
+def test_an_authenticator_code_is_asked_for_used_once_and_its_refusal_named(browser: Browser,
+                                                                             console: Console) -> None:
+    """A refused code (a signed 401) was worded as a token problem, an empty code was sent, and
+    a used code stayed in its field."""
+    import pyotp
+
+    serve_module(console, "vault.py", '__all_exposed__ = [{"name": "vault", "otp": True}]\n\n\n'
+                 'def vault() -> str:\n    return "open"\n', "vault")
+    totp = pyotp.TOTP(console.gateway.keystore.otp_enroll("acme"))
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        code = page.locator("#f-vault-otp")
+        empty = click_call(page, "vault")
+        assert (empty["state"], empty["message"]) == (
+            "unsent", "Enter the 6-digit code your authenticator app shows: this function asks for one.")
+        now = time.time()
+        valid = {totp.at(now + step) for step in (-60, -30, 0, 30, 60)}
+        wrong = next(c for c in ("000000", "111111", "222222") if c not in valid)
+        refused = click_call(page, "vault", otp=wrong)
+        assert (refused["state"], refused["message"]) == ("verified-error", (
+            "The gateway refused the authenticator code: it is wrong, expired or already used. "
+            "Wait for the next code and call again."))
+        assert code.input_value() == ""  # a code works once: not left for the next call
+        good = totp.now()
+        assert click_call(page, "vault", otp=good)["result"] == '"open"'
+        assert code.input_value() == ""
+        again = click_call(page, "vault", otp=good)
+        assert again["state"] == "verified-error" and "already used" in again["message"]
+        for _ in range(4):  # the fifth wrong or reused code in a row locks them
+            click_call(page, "vault", otp=wrong)
+        locked = click_call(page, "vault", otp=wrong)  # it said "Too many calls in a short time"
+        assert (locked["state"], locked["message"]) == ("verified-error", (
+            "Authenticator codes are locked after too many wrong ones "
+            "(too many wrong authenticator codes; retry in 60 s)."))
+
+
+def test_reload_catalog_clears_the_notice_of_its_last_failure(browser: Browser, console: Console) -> None:
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        notice = page.get_by_test_id("notice")
+        page.route("**/rest/", lambda route: route.abort())
+        page.get_by_test_id("refresh").click()
+        page.locator("#notice.bad", has_text="No answer from the gateway").wait_for()
+        page.unroute("**/rest/")
+        page.get_by_test_id("refresh").click()
+        notice.wait_for(state="hidden", timeout=5000)
+        assert page.locator("form[data-function=add]").count() == 1
+
+
+UNSIGNED_401 = "The gateway refused the request with an unsigned answer: try again. If it keeps failing, the key may " \
+    "have been revoked, or this device's clock may be off."
+
+
+def test_an_unsigned_401_means_retry_and_keeps_the_catalog(browser: Browser, console: Console) -> None:
+    """An unsigned 401 (the gateway's first second, or anyone on the path) said "ask the operator
+    for a new credential file" and emptied the catalog."""
+    refuse = lambda route: route.fulfill(status=401, headers={"WWW-Authenticate": "STT1"}, body="")  # noqa: E731
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        page.route("**/rest/", refuse)
+        page.get_by_test_id("refresh").click()
+        page.locator("#notice.bad", has_text="unsigned").wait_for(timeout=5000)
+        assert page.get_by_test_id("notice").text_content() == UNSIGNED_401
+        assert page.locator("form[data-function=add]").count() == 1  # the verified catalog stays
+        page.route("**/rest/add/**", refuse)
+        refused = click_call(page, "add", a="1", b="2")
+        assert (refused["state"], refused["message"]) == ("unverified", UNSIGNED_401)
+
+
+def test_forgetting_the_key_in_one_tab_drops_it_in_the_others(browser: Browser, console: Console) -> None:
+    with console_page(browser, console) as first, console_page(browser, console) as second:
+        load_credential(first, console.gateway.cred)
+        second.reload()  # the same browser profile: it opens with the stored key
+        second.wait_for_selector("form[data-function=add]")
+        first.get_by_test_id("forget").click()
+        second.get_by_test_id("load").wait_for(state="visible", timeout=5000)
+        assert second.locator("#catalog form").count() == 0
+        assert second.get_by_test_id("who").text_content() == "No credential loaded"
+        assert "forgotten in another tab" in (second.get_by_test_id("notice").text_content() or "")
+
+
+def test_a_credential_url_that_is_not_a_bare_origin_is_called_malformed(browser: Browser,
+                                                                        console: Console) -> None:
+    """A trailing slash or "HTTP://" gave a looping instruction: "Open http://127.0.0.1:18400//console"."""
+    original = json.loads(console.gateway.cred.read_text())
+    with console_page(browser, console) as page:
+        notice = page.get_by_test_id("notice")
+        for url in (f"{console.url}/", console.url.replace("http://", "HTTP://"), f"{console.url}/console"):
+            page.set_input_files("#credential-file", files=[{
+                "name": "acme.json", "mimeType": "application/json",
+                "buffer": json.dumps(original | {"url": url}).encode()}])
+            page.locator("#notice", has_text=f"({url})").wait_for(timeout=5000)
+            assert notice.text_content() == (
+                f"This credential's url ({url}) is malformed: it must be an origin like {console.url}, with no "
+                "path, not even a trailing slash. Ask the operator for a new credential file.")
+            assert page.get_by_test_id("load").is_visible()
+
+
+def test_the_call_forms_are_accessible(browser: Browser, console: Console) -> None:
+    """Focus fell to <body> on Call (the button was disabled), every button was named just "Call",
+    the forms had no name, and the live region was unhidden only as it was filled."""
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        form = page.get_by_role("form", name="slow_report")
+        assert form.get_attribute("data-function") == "slow_report"
+        button = page.get_by_role("button", name="Call slow_report", exact=True)
+        assert button.count() == 1
+        region = form.locator(".outcome[aria-live=polite]")
+        assert region.evaluate("box => !box.hidden && box.getClientRects().length > 0")  # there, and empty
+        assert (region.text_content() or "").strip() == ""
+        form.locator("#f-slow_report-seconds").fill("0.8")
+        button.click()
+        running = outcome_now(page, "slow_report")
+        assert running["busy"] == "true" and running["focused"], running
+        form.locator(".outcome[data-state=verified]").wait_for()
+        done = outcome_now(page, "slow_report")
+        assert done["busy"] == "" and done["focused"], done
+
+
+def test_a_refused_credential_is_not_kept(browser: Browser, console: Console) -> None:
+    """A well-formed credential with the wrong key was stored at once, and came back after a reload."""
+    wrong = json.loads(console.gateway.cred.read_text()) | {"k": security.b64encode(bytes(range(32)))}
+    with console_page(browser, console) as page:
+        page.set_input_files("#credential-file", files=[{"name": "acme.json", "mimeType": "application/json",
+                                                         "buffer": json.dumps(wrong).encode()}])
+        page.locator("#notice.bad").wait_for(timeout=5000)  # the gateway refused it
+        page.reload()
+        page.wait_for_selector("body[data-ready=yes]")
+        assert page.get_by_test_id("load").is_visible() and not page.get_by_test_id("loaded").is_visible()
+        load_credential(page, console.gateway.cred)  # the right one is kept
+        page.reload()
+        page.wait_for_selector("form[data-function=add]")
+
+
+def test_numbers_are_read_as_written_and_a_verified_refusal_is_not_a_success(browser: Browser,
+                                                                           console: Console) -> None:
+    """ "0x10" was sent as 16 and "1e3" as 1000; a signed 422 was headed "Verified", in green."""
+    with console_page(browser, console) as page:
+        load_credential(page, console.gateway.cred)
+        hex_base = click_call(page, "power", base="0x10")
+        assert (hex_base["state"], hex_base["message"]) == ("unsent", 'base must be a number; "0x10" is not.')
+        exp = click_call(page, "is_prime", n="1e3")
+        assert (exp["state"], exp["message"]) == ("unsent", 'n must be a whole number; "1e3" is not.')
+        assert click_call(page, "power", base="-1.5e1", exponent="+2")["result"] == "225"
+        assert click_call(page, "is_prime", n="0007")["result"] == "true"
+        refused = click_call(page, "describe", values="[]")
+        assert refused["state"] == "verified-error"
+        assert refused["verdict"] == "Refused: a verified answer, signed by the gateway for this call"
+        tone = page.locator("form[data-function=describe] .verdict").get_attribute("class")
+        assert tone is not None and "ok" not in tone.split()
