@@ -1178,11 +1178,18 @@ class Gateway:
         except BaseException as exc:
             # SystemExit (sys.exit, argparse), KeyboardInterrupt or a CancelledError the function
             # raised itself fail the call like any exception. A CancelledError while this request's
-            # task is being cancelled (the server stopping) is not the function's: it goes on.
+            # task is being cancelled is the server stopping, its grace period over: the call is
+            # answered anyway, signed and with its id. Let through, it was uvicorn's bare text 500.
             if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
-                raise
-            log.exception("request %s: `%s` raised", request_id.decode(), func_name)
-            status, body, extra = 500, error_body("internal_error", "the function failed; see the server log"), ()
+                log.warning("request %s: `%s` cut off: the gateway is stopping", request_id.decode(), func_name)
+                message = "the gateway is stopping: this call was cut off and may have run; check before retrying"
+                status, body, extra = 503, error_body("overloaded", message), ()
+                task = asyncio.current_task()
+                while task is not None and task.cancelling():
+                    task.uncancel()  # answered: nothing of the cancellation is left to act on
+            else:
+                log.exception("request %s: `%s` raised", request_id.decode(), func_name)
+                status, body, extra = 500, error_body("internal_error", "the function failed; see the server log"), ()
         await send(
             {
                 "type": "http.response.start",

@@ -551,6 +551,28 @@ def test_sigterm_ends_the_process_even_with_a_hung_call_and_a_module_thread(proc
     assert "module-thread" in output and "gateway-call" in output
 
 
+def test_a_call_cut_off_by_the_stop_gets_a_signed_503_with_its_id(tmp_path, serve, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Past the stop's grace period uvicorn cancels the calls still running; the gateway let the
+    cancellation through, and uvicorn answered a bare text/plain 500 with no request id, which
+    the clients called a forgery."""
+    stack = make_stack(tmp_path, serve)
+    stack.running.server.config.timeout_graceful_shutdown = 0.3  # type: ignore[attr-defined]
+    gate = stack.running.app.catalog.functions["wait_for_gate"].func.__globals__["GATE"]  # type: ignore[attr-defined]
+    gate.clear()
+    threads, answers = in_threads(1, lambda: stack.call(target="/rest/wait_for_gate", body=b""))
+    time.sleep(0.3)  # the call is in, waiting for a gate nobody opens (its timeout is the default 30 s)
+    stack.running.server.should_exit = True  # type: ignore[attr-defined]
+    threads[0].join(10)
+    answer = answers[0]
+    assert answer.status == 503 and answer.header("content-type") == "application/json"
+    assert json.loads(answer.body)["error"] == {
+        "code": "overloaded",
+        "message": "the gateway is stopping: this call was cut off and may have run; check before retrying",
+    }
+    response_claims(stack, answer)  # signed, for this very request
+    assert f"request {answer.header('x-request-id')}: `wait_for_gate` cut off: the gateway is stopping" in caplog.text
+
+
 # -- stores that are locked, read-only or full ------------------------------------------------
 
 
