@@ -1041,6 +1041,7 @@ class Gateway:
         self.secured = wrap is not None  # /rest needs a token: what /openapi.json tells clients
         self.rest: ASGIApp = wrap(self._rest) if wrap else self._rest
         self._site: ASGIApp | None = None  # built on the first request that needs it: see site
+        self._openapi_built: tuple[Catalog | None, bytes] = (None, b"")  # see _openapi
 
     @property
     def site(self) -> ASGIApp:
@@ -1320,7 +1321,17 @@ class Gateway:
         await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
 
     async def _openapi(self, request: Any) -> Any:
-        return _json_response(request, openapi(self.catalog, secured=self.secured))
+        """Built once per catalog, in a thread: anyone may ask for it, and with thousands of
+        modules one build takes a third of a second, which held every call up while it ran."""
+        from starlette.responses import Response
+
+        catalog, built = self._openapi_built
+        if catalog is not self.catalog:
+            catalog = self.catalog
+            built = await asyncio.to_thread(lambda: msgspec.json.encode(openapi(catalog, secured=self.secured)))
+            self._openapi_built = (catalog, built)
+        headers = {"x-request-id": _request_id(request.scope).decode()}
+        return Response(built, 200, headers, media_type="application/json")
 
     async def _metrics(self, request: Any) -> Any:
         from starlette.responses import Response
