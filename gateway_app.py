@@ -1968,11 +1968,17 @@ def _serve_on(app: Gateway, sock: socket.socket) -> None:
     import uvicorn
 
     config = _uvicorn_config(app, app.settings)
+    server = uvicorn.Server(config)
     if threading.current_thread() is threading.main_thread():
         # uvicorn drains, then re-raises the signal it caught: make SIGTERM end as cleanly as Ctrl+C.
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        if hasattr(signal, "SIGHUP"):
+            # Unhandled, SIGHUP (a closed terminal, a log rotation hook) killed the process at once,
+            # calls in flight and all; with --workers it restarts the workers one by one. One
+            # process cannot restart itself: it stops as on SIGTERM, draining its calls first.
+            signal.signal(signal.SIGHUP, lambda sig, frame: server.handle_exit(signal.SIGTERM, frame))
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     except KeyboardInterrupt:
         pass
 

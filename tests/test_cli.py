@@ -160,7 +160,9 @@ def test_several_workers_serve_the_same_port(processes) -> None:  # type: ignore
     stop(process)
 
 
-def test_sigterm_drains_calls_in_flight_then_exits_0(processes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_drains_calls_in_flight_then_exits_0(processes, tmp_path: Path, stop_signal: int) -> None:  # type: ignore[no-untyped-def]
+    """SIGHUP too: a closed terminal or a log rotation hook killed the process at once (129)."""
     (tmp_path / "slow.py").write_text(
         "import asyncio\n__all_exposed__ = ['slow']\n\n\nasync def slow(seconds: float) -> str:\n"
         "    await asyncio.sleep(seconds)\n    return 'finished'\n")
@@ -172,7 +174,7 @@ def test_sigterm_drains_calls_in_flight_then_exits_0(processes, tmp_path: Path) 
         httpx.post(f"http://127.0.0.1:{port}/rest/slow", json={"seconds": 1.5}, timeout=10)))
     call.start()
     time.sleep(0.5)  # the call is in flight
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # no new connections once draining
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
