@@ -46,6 +46,7 @@ from security import (
     CALLER_KEY,
     FAILURE_REASONS,
     MAX_BODY_KEY,
+    REFUSED_KEY,
     REQUEST_ID_KEY,
     TENANT_KEY,
     Credential,
@@ -1081,10 +1082,16 @@ class Gateway:
             # Read up to the largest limit of any function, for every path alike: a limit that
             # depended on the URL would tell unauthenticated callers which functions exist.
             scope[MAX_BODY_KEY] = max(self.settings.max_body, self.catalog.max_body)
+            started = time.perf_counter()
             if self.metrics is None:
                 await self.rest(scope, receive, send)
             else:
                 await self.metrics.track(self.rest, scope, receive, send)
+            # One line per request, the ones the security layer answered itself (401, 413, 429,
+            # 503) too: their ids were in no log line but a rate-limited warning, if that.
+            if (refused := scope.get(REFUSED_KEY)) is not None and access_log.isEnabledFor(logging.INFO):
+                request_id, tenant = scope[REQUEST_ID_KEY], scope.get(TENANT_KEY, "-")
+                self.access.add(request_id, tenant, "-", refused, time.perf_counter() - started)
         elif scope["type"] == "lifespan":
             await self._serve_lifespan(receive, send)
         elif scope["type"] == "http" and path == "/healthz" and scope["method"] in ("GET", "HEAD"):

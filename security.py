@@ -1987,6 +1987,7 @@ REPLAY_TTL = 50  # a jti is remembered until iat + 50 (3.8): past every accepted
 CALLER_KEY = "gateway.caller"  # what the dispatcher reads: the verified Caller
 TENANT_KEY = "gateway.tenant"
 BODY_KEY = "gateway.body"
+REFUSED_KEY = "gateway.refused"  # the status this layer answered with itself: for the access log
 MAX_BODY_KEY = "gateway.max_body"  # set by the gateway: the most it reads, the same for every path
 DEFAULT_MAX_BODY = 1 << 20  # when no gateway sets MAX_BODY_KEY
 REQUEST_ID_KEY = "gateway.request_id"
@@ -2165,7 +2166,7 @@ class Security:
             except KeystoreUnavailable as exc:  # no key can be trusted: fail closed
                 self._log("store", request_id, str(exc))
                 self._failed("keystore_unavailable")
-                return await _reply(send, 503, _error(b"overloaded", b"key store unavailable"), request_id)
+                return await _reply(scope, send, 503, _error(b"overloaded", b"key store unavailable"), request_id)
             key = cache.keys.get((tid, footer.kid))  # 4
             if key is None or not key.usable(now):
                 if key is not None or (tid, footer.kid) in cache.retired:
@@ -2175,10 +2176,10 @@ class Security:
                 raise _Refused("unknown_kid", "unknown, retired or expired kid")
             max_body = scope.get(MAX_BODY_KEY, DEFAULT_MAX_BODY)
             if content_length is not None and content_length > max_body:  # 5
-                return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
+                return await _reply(scope, send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
             body = await _read_body(receive, max_body)
             if body is None:
-                return await _reply(send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
+                return await _reply(scope, send, 413, _error(b"too_large", b"the body is over the limit"), request_id)
             # The body may have been held back for as long as the client liked: steps 3 and 4
             # again, at the time of the replay check. Otherwise a used token could arrive in
             # time, send its body once its jti (kept until iat + 50) is forgotten, and run twice.
@@ -2193,10 +2194,10 @@ class Security:
             implicit = request_assertion(self.audience, scope["method"], target, content_type, body)
             claims = open_token(key.c2s, parsed, implicit).claims  # 6, 7
         except _Refused as exc:
-            return await self._unauthorized(send, request_id, address, tid, now, exc.reason, str(exc))
+            return await self._unauthorized(scope, send, request_id, address, tid, now, exc.reason, str(exc))
         except InvalidToken:
             detail = "token does not verify" if invalid == "signature" else "malformed token"
-            return await self._unauthorized(send, request_id, address, tid, now, invalid, detail)
+            return await self._unauthorized(scope, send, request_id, address, tid, now, invalid, detail)
         assert isinstance(claims, RequestClaims)
 
         # From here on every answer is signed, bound to this request's jti.
@@ -2208,9 +2209,13 @@ class Security:
         except Exception as exc:  # any store failure: fail closed
             self._log("store", request_id, f"replay store failed: {exc}")
             self._failed("replay_store_unavailable")
-            return await _reply(signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id)
+            return await _reply(
+                scope, signed_send, 503, _error(b"overloaded", b"replay protection unavailable"), request_id
+            )
         if not fresh:  # a failure like any other for the throttle; the answer is signed, as after step 7
-            return await self._unauthorized(signed_send, request_id, address, tid, now, "replayed", "replayed jti")
+            return await self._unauthorized(
+                scope, signed_send, request_id, address, tid, now, "replayed", "replayed jti"
+            )
         if key.state == "pending":  # 10
             try:
                 # A write (SQLite waits up to REQUEST_WAIT for its lock, Redis a round trip): in a
@@ -2238,13 +2243,22 @@ class Security:
         if self.on_failure is not None:
             self.on_failure(reason)
 
-    async def _throttled(self, send: _Send, request_id: bytes) -> None:
+    async def _throttled(self, scope: _Scope, send: _Send, request_id: bytes) -> None:
         self._failed("throttled")
         retry_after = ((b"retry-after", str(self.throttle.window).encode()),)
-        await _reply(send, 429, _error(b"throttled", b"too many failed requests; retry later"), request_id, retry_after)
+        body = _error(b"throttled", b"too many failed requests; retry later")
+        await _reply(scope, send, 429, body, request_id, retry_after)
 
     async def _unauthorized(
-        self, send: _Send, request_id: bytes, address: str, tid: str | None, now: float, reason: str, detail: str
+        self,
+        scope: _Scope,
+        send: _Send,
+        request_id: bytes,
+        address: str,
+        tid: str | None,
+        now: float,
+        reason: str,
+        detail: str,
     ) -> None:
         blocked = self.throttle.blocked("addr", address, now) or (
             tid is not None and self.throttle.blocked("tid", tid, now)
@@ -2255,12 +2269,12 @@ class Security:
         kind = "alert" if detail.startswith("ALERT") else "refused"
         self._log(kind, request_id, f"{detail} (tenant {tid or '-'}, address {address}){answered}")
         if blocked:
-            return await self._throttled(send, request_id)
+            return await self._throttled(scope, send, request_id)
         self.throttle.fail("addr", address, now)
         if tid is not None:
             self.throttle.fail("tid", tid, now)
         self._failed(reason)
-        await _reply(send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
+        await _reply(scope, send, 401, _UNAUTHORIZED, request_id, ((b"www-authenticate", b"STT1"),))
 
     def _log(self, kind: str, request_id: bytes, reason: str) -> None:
         """A line of one of _LOG_KINDS, at most 10 a second of each kind.
@@ -2371,8 +2385,15 @@ def _error(code: bytes, message: bytes) -> bytes:
 
 
 async def _reply(
-    send: _Send, status: int, body: bytes, request_id: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()
+    scope: _Scope,
+    send: _Send,
+    status: int,
+    body: bytes,
+    request_id: bytes,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
+    """This layer's own answer: the request never reaches the gateway, which logs it from here."""
+    scope[REFUSED_KEY] = status
     await send(
         {
             "type": "http.response.start",

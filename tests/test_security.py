@@ -486,6 +486,23 @@ def test_a_clock_stepped_forward_then_back_lets_no_token_run_twice(tmp_path: Pat
     assert s.SqliteReplayStore(tmp_path / "r.db").clock is s.server_clock
 
 
+def test_a_request_the_security_layer_refuses_has_its_access_line(stack: Stack, caplog) -> None:  # type: ignore[no-untyped-def]
+    """One line per request: those refused before the gateway proper (401, 429, 413, 503) had
+    none, so their ids were only in a warning limited to 10 a second, if at all."""
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        refused_answer = stack.send("POST", "/rest/add", BODY, [("Content-Type", "application/json")])
+        served = stack.call()
+        lines = [
+            f"{refused_answer.header('x-request-id')} tenant=- func=- status=401 ",
+            f"{served.header('x-request-id')} tenant=acme func=add status=200 ",
+        ]
+        deadline = time.monotonic() + 5
+        while not all(line in caplog.text for line in lines):  # written in batches, every 0.25 s
+            assert time.monotonic() < deadline, caplog.text
+            time.sleep(0.05)
+    assert refused_answer.status == 401 and served.status == 200
+
+
 class JumpingClock(Clock):
     """Gives ``now`` once more, then jumps to ``jump_to``: the server reads the time first when a
     request's headers are in, so every later reading is the time after its body."""
