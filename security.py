@@ -1988,6 +1988,7 @@ CALLER_KEY = "gateway.caller"  # what the dispatcher reads: the verified Caller
 TENANT_KEY = "gateway.tenant"
 BODY_KEY = "gateway.body"
 REFUSED_KEY = "gateway.refused"  # the status this layer answered with itself: for the access log
+STORE_FAILURE_SHOWN = 10.0  # seconds /healthz reports a local replay store's last failure
 MAX_BODY_KEY = "gateway.max_body"  # set by the gateway: the most it reads, the same for every path
 DEFAULT_MAX_BODY = 1 << 20  # when no gateway sets MAX_BODY_KEY
 REQUEST_ID_KEY = "gateway.request_id"
@@ -2100,13 +2101,18 @@ class Security:
         """Why every call is refused (503) now, or None: what /healthz tells a load balancer.
 
         Asks the keystore as a call does (a Redis one fails once its last good read is
-        MAX_STALE old), and a Redis replay store for a PING; a local file or the memory store has
-        nothing to report ahead of a call.
+        MAX_STALE old), and a Redis replay store for a PING. A local store (a full disk, a lock
+        held) is only known by its calls: the last one failed, under STORE_FAILURE_SHOWN seconds
+        ago, and none succeeded since. Not for ever: a load balancer that took the host out
+        sends no call that could show it is back.
         """
         try:
             self.keystore.snapshot()
         except KeystoreUnavailable as exc:
             return str(exc)
+        failed = self._replay_failed
+        if failed is not None and time.monotonic() - failed[0] < STORE_FAILURE_SHOWN:
+            return failed[1]
         ping = getattr(self.replay, "ping", None)
         if ping is not None:
             try:
@@ -2134,6 +2140,9 @@ class Security:
         self.throttle = throttle or Throttle()
         self.on_failure: Callable[[str], None] | None = None  # called with a FAILURE_REASONS entry
         self._log_budgets: dict[str, tuple[int, int]] = {}  # per kind of line (_LOG_KINDS): (second, lines in it)
+        # The last replay store failure (time.monotonic(), why) until an insert succeeds: /healthz
+        # reports it for STORE_FAILURE_SHOWN seconds (see unavailable).
+        self._replay_failed: tuple[float, str] | None = None
 
     def wrap(
         self, app: Callable[[_Scope, _Receive, _Send], Awaitable[None]]
@@ -2206,7 +2215,10 @@ class Security:
             fresh = self.replay.check_and_insert(replay_key(tid, key.kid, claims.jti), footer.iat + REPLAY_TTL)  # 8
             if not isinstance(fresh, bool):  # a networked store (Redis) answers with an awaitable
                 fresh = await fresh
+            if self._replay_failed is not None:
+                self._replay_failed = None
         except Exception as exc:  # any store failure: fail closed
+            self._replay_failed = (time.monotonic(), f"replay store failed: {exc}")
             self._log("store", request_id, f"replay store failed: {exc}")
             self._failed("replay_store_unavailable")
             return await _reply(

@@ -611,11 +611,17 @@ def test_a_locked_replay_store_fails_closed_without_stalling_the_worker(tmp_path
         for answer in answers:
             overloaded(stack, answer, "replay protection unavailable")
         assert stack.calls["add"] == before
+        # Every call fails now: /healthz said "ok" all the same (a full disk, as a lock), and a
+        # load balancer kept the host in.
+        health = httpx.get(f"http://127.0.0.1:{stack.running.port}/healthz")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        assert health.json()["reason"].startswith("replay store failed: sqlite replay store: still locked")
     finally:
         locker.execute("ROLLBACK")
         locker.close()
     assert stack.call().status == 200  # the lock is gone: back by itself
     assert stack.calls["add"] == before + 1
+    assert httpx.get(f"http://127.0.0.1:{stack.running.port}/healthz").status_code == 200
 
 
 def test_a_replay_store_locked_only_briefly_just_delays_the_call(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
