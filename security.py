@@ -1782,6 +1782,8 @@ class SqliteReplayStore:
                 raise _Busy() from None
             if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_READONLY:
                 self._stale.add(db)  # see the class docstring
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+                self._make_room(db)  # this call fails closed all the same; the next may fit
             raise ReplayStoreError(f"sqlite replay store: {exc}") from None
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
@@ -1796,6 +1798,19 @@ class SqliteReplayStore:
                 # forward would purge ids that another, which did not, would take again.
                 db.execute("DELETE FROM seen WHERE exp < ?", (int(self.clock()) - MAX_SKEW,))
         return new
+
+    def _make_room(self, db: sqlite3.Connection) -> None:
+        """Full (disk or max_page_count): drop the expired ids now. Purged only after successful
+        inserts, a full store stayed full once every id in it had expired, until someone freed
+        space. Best effort: the WAL is checkpointed first, which can free the space a delete needs.
+        """
+        for statement, args in (
+            ("PRAGMA wal_checkpoint(TRUNCATE)", ()),
+            ("DELETE FROM seen WHERE exp < ?", (int(self.clock()) - MAX_SKEW,)),
+            ("PRAGMA wal_checkpoint(TRUNCATE)", ()),
+        ):
+            with contextlib.suppress(sqlite3.Error):
+                db.execute(statement, args).fetchall()
 
     def _insert_waiting(self, key: bytes, expires_at: int, deadline: float) -> bool:
         if not self._waiting_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):

@@ -624,6 +624,29 @@ def test_a_locked_replay_store_fails_closed_without_stalling_the_worker(tmp_path
     assert httpx.get(f"http://127.0.0.1:{stack.running.port}/healthz").status_code == 200
 
 
+def test_a_full_sqlite_replay_store_makes_room_once_its_ids_have_expired(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Purged only after successful inserts, a full store (disk, or here SQLite's own page
+    limit) stayed full, failing every call, after every id in it had expired."""
+    clock = Clock(T0)
+    store = s.SqliteReplayStore(tmp_path / "replay.db", clock=clock)
+    store._db.execute("PRAGMA max_page_count = 30")  # a full disk, as SQLite reports it: SQLITE_FULL
+
+    async def inserts(count: int) -> list[bool | str]:
+        answers: list[bool | str] = []
+        for _ in range(count):
+            try:
+                answers.append(store.check_and_insert(os.urandom(32), int(clock.now) + s.REPLAY_TTL))  # type: ignore[arg-type]
+            except s.ReplayStoreError as exc:
+                answers.append(str(exc))
+        return answers
+
+    filled = asyncio.run(inserts(20_000))
+    assert "sqlite replay store: database or disk is full" in filled  # fails closed
+    clock.now += s.REPLAY_TTL + s.MAX_SKEW + 1  # every id in it has expired (purged MAX_SKEW late)
+    later = asyncio.run(inserts(50))
+    assert later[-45:] == [True] * 45, later  # a call or two may fail while it makes room, then it fits
+
+
 def test_a_replay_store_locked_only_briefly_just_delays_the_call(tmp_path, serve) -> None:  # type: ignore[no-untyped-def]
     clock = Clock(T0)
     stack = make_stack(tmp_path, serve, clock=clock, replay=s.SqliteReplayStore(tmp_path / "replay.db", clock=clock))
