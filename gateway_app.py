@@ -1297,8 +1297,8 @@ class Gateway:
         }
 
     async def _health(self) -> tuple[int, dict[str, Any]]:
-        """200 and "ok", or 503 and "unavailable" with the reason while a shared store (Redis)
-        fails and every call is refused: a load balancer then stops sending calls here."""
+        """200 and "ok", or 503 and "unavailable" with the reason while a store fails and every
+        call is refused (see Security.unavailable): a load balancer then stops sending calls here."""
         reason = None if self.security is None else await self.security.unavailable()
         return 200 if reason is None else 503, {
             "status": "ok" if reason is None else "unavailable",
